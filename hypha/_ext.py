@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -21,7 +22,7 @@ def _load() -> None:
         _error = f"disabled by {ENV_NO_EXTENSION}=1"
         return
     try:
-        from hypha import _C as mod  # type: ignore[attr-defined]
+        mod = importlib.import_module("hypha._C")
     except ImportError as exc:
         _error = str(exc)
         warnings.warn(

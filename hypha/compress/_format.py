@@ -268,15 +268,12 @@ def parse_header(
         pos += 8 * ndim
         numel = 1
         for d in shape:
-            # bounded per dimension first so the product stays small
-            if d > limits.max_total_elems:
-                raise CodecError(f"tensor {i}: dimension {d} exceeds the element limit")
-            numel *= d
+            numel = min(numel * d, limits.max_total_elems + 1)  # stays small whatever d is
         total += numel
         if total > limits.max_total_elems:
             raise CodecError(
-                f"payload declares more than {limits.max_total_elems} elements (limit); raise "
-                "DecodeLimits.max_total_elems to accept larger models"
+                f"tensor {i}: payload declares more than {limits.max_total_elems} elements "
+                "(limit); raise DecodeLimits.max_total_elems to accept larger models"
             )
         tensors.append(TensorInfo(DTYPES[dtype_code], tuple(shape)))
     if pos != end:

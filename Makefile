@@ -1,0 +1,74 @@
+# Hypha: every set-up step lives here, so a fresh clone needs only `make run` / `make test`.
+#
+#   make run        the main job (for now: the codec on a real pseudo-gradient)
+#   make test       build everything, then ruff, mypy, ctest (+ CUDA compile check) and pytest
+#   make bench      the kernel and codec benchmarks (bench/README.md)
+#
+# Variables: PYTHON (interpreter for the venv), VENV, TORCH_SPEC (how torch is installed when the
+# venv has none; the default is the CPU build that installs offline on the project's machines —
+# on a GPU machine use e.g. TORCH_SPEC=torch, or VENV_FLAGS=--system-site-packages to reuse an
+# installed CUDA torch), HYPHA_SKIP_CUDA=1 and HYPHA_CUDA_ARCHS="80;90" for the extension build.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check
+CMAKE_DIR  := build/cmake
+CSRC       := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc' 2>/dev/null)
+EXT_STAMP  := $(VENV)/.hypha-ext
+
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+
+# torch first (a bare `torch` requirement would pull the CUDA wheels), then the package with its
+# dependencies, built without isolation against that torch.
+$(VENV)/.installed: pyproject.toml setup.py | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q --no-build-isolation -e ".[dev,triton]"
+	touch $@ $(EXT_STAMP)
+
+install: $(VENV)/.installed
+
+# rebuild the extension in place when a C++/CUDA source changes (ninja makes it incremental)
+$(EXT_STAMP): $(VENV)/.installed $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(EXT_STAMP)
+
+run: build
+	$(PY) -m hypha.demo
+
+lint: install
+	$(VENV)/bin/ruff check hypha kernels tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+ctest: install
+	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	cmake --build $(CMAKE_DIR)
+	ctest --test-dir $(CMAKE_DIR) --output-on-failure
+
+pytest: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+test: lint typecheck ctest pytest
+
+bench: build
+	$(PY) bench/kernels.py
+	$(PY) bench/blocksize.py
+
+clean:
+	rm -rf build hypha/_C*.so .pytest_cache .mypy_cache .ruff_cache $(EXT_STAMP)
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
