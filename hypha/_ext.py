@@ -22,6 +22,8 @@ def _load() -> None:
         _error = f"disabled by {ENV_NO_EXTENSION}=1"
         return
     try:
+        import torch  # noqa: F401  (hypha._C links against libtorch: load it first)
+
         mod = importlib.import_module("hypha._C")
     except ImportError as exc:
         _error = str(exc)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     delta = pseudo_gradient(args.steps)
     n = sum(d.numel() for d in delta)
-    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta))
+    norm = torch.cat([d.reshape(-1) for d in delta]).double().norm()
     print(f"pseudo-gradient of a {n:,}-parameter byte-level model after {args.steps} AdamW steps "
           f"({time.perf_counter() - t0:.1f} s)\n")
     header = f"{'codec':<11} {'bytes':>10} {'bits/param':>10} {'rel. error':>10} {'encode ms':>9} {'decode ms':>9}"
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         out = compress.decode(payload)
         t_dec = time.perf_counter() - t
-        err = torch.sqrt(sum(((a - b).double() ** 2).sum() for a, b in zip(delta, out, strict=True)))
+        err = torch.cat([(a - b).reshape(-1) for a, b in zip(delta, out, strict=True)]).double().norm()
         print(f"{name:<11} {len(payload):>10,} {compress.bits_per_param(payload):>10.3f} "
               f"{float(err / norm):>10.4f} {t_enc * 1e3:>9.1f} {t_dec * 1e3:>9.1f}")
 

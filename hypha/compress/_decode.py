@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ class StreamDecoder:
         self._body_len = 0
         self._body_crc = 0
         self._failed: CodecError | None = None
-        self._zstd = None
+        self._zstd: Any = None  # zstandard.ZstdDecompressor, imported only when used
 
     @property
     def done(self) -> bool:
@@ -167,14 +167,14 @@ class StreamDecoder:
             self.bytes_read += take
             if len(self._buf) < self._need:
                 return out
-            item = bytes(self._buf)
+            item = memoryview(bytes(self._buf))
             self._buf = bytearray()
-            self._step(memoryview(item), out)
+            self._step(item, out)
         while self._state != "done" and len(mv) >= self._need:
             n = self._need
             self.bytes_read += n
-            item, mv = mv[:n], mv[n:]
-            self._step(item, out)
+            self._step(mv[:n], out)
+            mv = mv[n:]
         if self._state == "done" and len(mv):
             raise CodecError(f"{len(mv)} bytes of trailing data after the payload")
         if len(mv):
@@ -293,10 +293,10 @@ def _pieces(source: bytes | bytearray | memoryview | Iterable[bytes] | _Readable
     if isinstance(source, bytes | bytearray | memoryview):
         yield memoryview(source)
     elif hasattr(source, "read"):
-        while piece := source.read(1 << 20):  # type: ignore[union-attr]
+        while piece := source.read(1 << 20):
             yield piece
     else:
-        yield from source  # type: ignore[misc]
+        yield from source
 
 
 def iter_chunks(

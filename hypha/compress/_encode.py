@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from hypha import ops
@@ -89,13 +90,13 @@ def _raw_parts(piece: torch.Tensor, codec: str) -> list[memoryview]:
     values = piece.to(dtype).cpu().contiguous()
     if dtype == torch.bfloat16:
         values = values.view(torch.int16)
-    return [memoryview(values.numpy()).cast("B")]
+    return [values.numpy().view(np.uint8).data]
 
 
 def _q_parts(q: ops.QTensor) -> list[memoryview]:
     scales = q.scales.cpu()
     codes = q.codes.cpu()
-    return [memoryview(scales.numpy()).cast("B"), memoryview(codes.numpy()).cast("B")]
+    return [scales.numpy().view(np.uint8).data, codes.numpy().data]
 
 
 def _check_scales(q: ops.QTensor, name: str, start: int) -> None:

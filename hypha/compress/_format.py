@@ -102,7 +102,7 @@ class Codec:
 def parse_codec(spec: str | Codec, **overrides: object) -> Codec:
     """``"int4"``, ``"int4+zstd"`` or ``"int4+zstd:3"`` (a zstd level) -> Codec."""
     if isinstance(spec, Codec):
-        return Codec(**{**spec.__dict__, **overrides}) if overrides else spec  # type: ignore[arg-type]
+        return Codec(**{**spec.__dict__, **overrides}) if overrides else spec
     if not isinstance(spec, str):
         raise TypeError(f"codec must be a string such as 'int4+zstd' or a Codec, got {spec!r}")
     name, _, stage = spec.strip().lower().partition("+")

@@ -28,24 +28,24 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
-    "TINY_ABSMAX",
-    "SUPPORTED_BITS",
-    "MIN_BLOCK_SIZE",
     "MAX_BLOCK_SIZE",
+    "MIN_BLOCK_SIZE",
+    "SUPPORTED_BITS",
+    "TINY_ABSMAX",
     "QTensor",
     "check_quant_args",
-    "packed_nbytes",
-    "num_blocks",
-    "seed_key",
-    "hash32",
-    "uniform",
-    "pack",
-    "unpack",
-    "quantize",
     "dequantize",
     "dequantize_accumulate_",
     "encode_delta",
+    "hash32",
     "nesterov_",
+    "num_blocks",
+    "pack",
+    "packed_nbytes",
+    "quantize",
+    "seed_key",
+    "uniform",
+    "unpack",
 ]
 
 #: Blocks whose absmax is below this are treated as all-zero: ``mid / absmax`` would overflow.

@@ -145,7 +145,7 @@ def test_bad_encode_arguments() -> None:
         C.Codec("int8", block_size=100)
     with pytest.raises(ValueError, match="multiple of the block size"):
         C.encode([torch.randn(10)], C.Codec("int8", block_size=64), chunk_elems=100)
-    with pytest.raises(TypeError, match="dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"dtype torch\.int64"):
         C.encode([torch.arange(10)], "int8")
     with pytest.raises(ValueError, match="stochastic"):
         C.Codec("fp32", stochastic=True)
