@@ -54,7 +54,7 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 ctest: install
-	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build $(CMAKE_DIR)
 	ctest --test-dir $(CMAKE_DIR) --output-on-failure
 
