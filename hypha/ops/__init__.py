@@ -168,14 +168,33 @@ def _check_seed(seed: int, offset: int) -> None:
     seed_key(seed)  # validates the range
 
 
-def _empty_q(numel: int, bits: int, block_size: int, device: torch.device) -> QTensor:
-    return QTensor(
-        torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=device),
-        torch.empty(num_blocks(numel, block_size), dtype=torch.float32, device=device),
-        numel,
-        bits,
-        block_size,
-    )
+def _out_q(
+    out: QTensor | None, numel: int, bits: int, block_size: int, device: torch.device
+) -> QTensor:
+    """``out`` checked against what the op produces, or freshly allocated outputs."""
+    if out is None:
+        return QTensor(
+            torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=device),
+            torch.empty(num_blocks(numel, block_size), dtype=torch.float32, device=device),
+            numel,
+            bits,
+            block_size,
+        )
+    if (out.numel, out.bits, out.block_size) != (numel, bits, block_size):
+        raise ValueError(
+            f"out holds {out.numel} {out.bits}-bit values in blocks of {out.block_size}, the op "
+            f"produces {numel} {bits}-bit values in blocks of {block_size}"
+        )
+    _check_q(out)
+    if out.codes.device != device or not (out.codes.is_contiguous() and out.scales.is_contiguous()):
+        raise ValueError(f"out must be contiguous tensors on {device}")
+    return out
+
+
+def _copy_q(src: QTensor, dst: QTensor) -> QTensor:
+    dst.codes.copy_(src.codes)
+    dst.scales.copy_(src.scales)
+    return dst
 
 
 # --- public ops ---------------------------------------------------------------------------------
@@ -189,6 +208,7 @@ def quantize(
     stochastic: bool = False,
     seed: int = 0,
     offset: int = 0,
+    out: QTensor | None = None,
     backend: str | None = None,
 ) -> QTensor:
     """Blockwise absmax quantization of the flattened float32 ``x`` to packed ``bits``-bit codes.
@@ -197,16 +217,21 @@ def quantize(
     drawing from a counter-based stream keyed by ``seed``; element ``i`` uses stream index
     ``offset + i``, so quantizing a tensor in slices (with matching offsets) gives the same codes
     as quantizing it whole.
+
+    ``out`` receives the result when given (a QTensor of matching numel, bits and block size,
+    e.g. from an earlier call): reusing buffers avoids allocating, and first touching, fresh
+    output pages on every call, which costs more than the kernel itself for large tensors.
     """
     check_quant_args(bits, block_size)
     _check_f32("x", x)
     _check_seed(seed, offset)
     name = select_backend(x.device, backend)
+    q = _out_q(out, x.numel(), bits, block_size, x.device)
     if name == "reference":
-        return reference.quantize(
+        r = reference.quantize(
             x, bits, block_size, stochastic=stochastic, seed=seed, offset=offset
         )
-    q = _empty_q(x.numel(), bits, block_size, x.device)
+        return r if out is None else _copy_q(r, q)
     if x.numel():
         _impl(name).quantize(
             x.contiguous(), bits, block_size, stochastic, seed_key(seed), offset, q.codes, q.scales
@@ -264,6 +289,7 @@ def encode_delta(
     stochastic: bool = False,
     seed: int = 0,
     offset: int = 0,
+    out: QTensor | None = None,
     backend: str | None = None,
 ) -> QTensor:
     """The fused pseudo-gradient encode, one read of each input:
@@ -272,7 +298,7 @@ def encode_delta(
     error_feedback <- delta - dequant(q)  (in place)
 
     ``local=None`` encodes ``global + error_feedback``; ``error_feedback=None`` turns error
-    feedback off.
+    feedback off. ``out`` receives the result when given, as in :func:`quantize`.
     """
     check_quant_args(bits, block_size)
     _check_f32("global_", global_)
@@ -284,8 +310,9 @@ def encode_delta(
         _check_f32("error_feedback", error_feedback, writable=True)
         _same("error_feedback", error_feedback, "global_", global_)
     name = select_backend(global_.device, backend)
+    q = _out_q(out, global_.numel(), bits, block_size, global_.device)
     if name == "reference":
-        return reference.encode_delta(
+        r = reference.encode_delta(
             global_,
             local,
             error_feedback,
@@ -295,7 +322,7 @@ def encode_delta(
             seed=seed,
             offset=offset,
         )
-    q = _empty_q(global_.numel(), bits, block_size, global_.device)
+        return r if out is None else _copy_q(r, q)
     if global_.numel():
         _impl(name).encode_delta(
             global_.contiguous(),

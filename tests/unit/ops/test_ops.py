@@ -188,3 +188,21 @@ def test_import_hypha_alone_loads_the_built_extension() -> None:
     code = "import hypha; assert hypha.extension_available(), hypha._ext.extension_error(); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_out_buffers_are_reused_and_checked(backend: str) -> None:
+    x, g, local = torch.randn(1000), torch.randn(1000), torch.randn(1000)
+    out = ops.quantize(torch.zeros(1000), 4, 64, backend=backend)
+    q = ops.quantize(x, 4, 64, stochastic=True, seed=3, out=out, backend=backend)
+    assert q.codes.data_ptr() == out.codes.data_ptr() and q.scales.data_ptr() == out.scales.data_ptr()
+    fresh = ops.quantize(x, 4, 64, stochastic=True, seed=3, backend=backend)
+    assert torch.equal(q.codes, fresh.codes) and torch.equal(q.scales, fresh.scales)
+    ef_a, ef_b = torch.zeros(1000), torch.zeros(1000)
+    a = ops.encode_delta(g, local, ef_a, 4, 64, out=out, backend=backend)
+    b = ops.encode_delta(g, local, ef_b, 4, 64, backend=backend)
+    assert torch.equal(a.codes, b.codes) and torch.equal(ef_a, ef_b) and a.codes is out.codes
+    with pytest.raises(ValueError, match="out holds 1000 4-bit values in blocks of 64, the op produces 1000 2-bit"):
+        ops.quantize(x, 2, 64, out=out, backend=backend)
+    with pytest.raises(ValueError, match="codes must be a uint8 tensor"):
+        ops.quantize(x, 4, 64, out=out._replace(codes=out.codes[:10]), backend=backend)
