@@ -198,6 +198,9 @@ inline void quant_block(const float* x, int64_t len, float scale, float inv, uin
   }
 }
 
+// NOTE: the block loops below mirror generic.cpp on purpose: each ISA file is compiled under
+// its own `#pragma GCC target`, and a loop shared through a header would inline the helpers of
+// whichever target instantiated it first. Duplicated loops keep every path fully inlined.
 template <int BITS, bool STOCH>
 void quantize_range_t(const float* x, int64_t n, const QuantParams& p, uint8_t* codes,
                       float* scales, int64_t b0, int64_t b1) {

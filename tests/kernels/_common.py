@@ -71,3 +71,27 @@ def assert_q_same(q: ops.QTensor, r: ops.QTensor, what: str, device: str | None 
         assert q.codes.device.type == device and q.scales.device.type == device, what
     assert_same(q.codes, r.codes, f"{what} codes")
     assert_same(q.scales, r.scales, f"{what} scales")
+
+
+def check_stochastic_stream(backend: str, device: torch.device, seed: int, offset: int, bits: int) -> None:
+    """One seed/offset pair of the stochastic-rounding stream: codes and scales match the reference."""
+    from hypha.ops import _reference as ref
+
+    x = make_input(1000, gen("s", seed, offset, bits))
+    kw = {"stochastic": True, "seed": seed, "offset": offset}
+    r = ref.quantize(x, bits, 64, **kw)
+    q = ops.quantize(x.to(device), bits, 64, backend=backend, **kw)
+    assert_q_same(q, r, f"quantize(bits={bits}, {kw})")
+
+
+def check_slices_match_whole(backend: str, device: torch.device) -> None:
+    """Quantizing block-aligned slices with matching offsets gives the whole tensor's codes."""
+    x = make_input(4 * 128 + 40, gen("slices")).to(device)
+    kw = {"stochastic": True, "seed": 7, "backend": backend}
+    whole = ops.quantize(x, 4, 128, offset=99, **kw)
+    parts = [
+        ops.quantize(x[a:b], 4, 128, offset=99 + a, **kw)
+        for a, b in [(0, 256), (256, 384), (384, x.numel())]
+    ]
+    assert_same(torch.cat([p.codes.cpu() for p in parts]), whole.codes, "sliced codes")
+    assert_same(torch.cat([p.scales.cpu() for p in parts]), whole.scales, "sliced scales")

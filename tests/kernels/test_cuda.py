@@ -19,7 +19,14 @@ import torch
 
 from hypha import ops
 from hypha.ops import _reference as ref
-from tests.kernels._common import SEED, STREAMS, assert_same, make_input
+from tests.kernels._common import (
+    SEED,
+    STREAMS,
+    assert_same,
+    check_slices_match_whole,
+    check_stochastic_stream,
+    make_input,
+)
 from tests.kernels._common import assert_q_same as _assert_q_same
 from tests.kernels._common import gen as _gen
 
@@ -131,23 +138,11 @@ def test_every_block_size(n: int, bits: int, block_size: int) -> None:
 @pytest.mark.parametrize("seed,offset", STREAMS)
 @pytest.mark.parametrize("bits", BITS)
 def test_stochastic_streams(seed: int, offset: int, bits: int) -> None:
-    x = make_input(1000, _gen("s", seed, offset, bits))
-    kw = {"stochastic": True, "seed": seed, "offset": offset}
-    r = ref.quantize(x, bits, 64, **kw)
-    q = ops.quantize(to_dev(x), bits, 64, backend="cuda", **kw)
-    assert_q_same(q, r, f"quantize(bits={bits}, {kw})")
+    check_stochastic_stream("cuda", DEVICE, seed, offset, bits)
 
 
 def test_stochastic_slices_match_whole() -> None:
-    """Quantizing block-aligned slices with matching offsets gives the whole tensor's codes."""
-    x = make_input(4 * 128 + 40, _gen("slices"))
-    whole = ops.quantize(to_dev(x), 4, 128, stochastic=True, seed=7, offset=99, backend="cuda")
-    parts = [
-        ops.quantize(to_dev(x[a:b]), 4, 128, stochastic=True, seed=7, offset=99 + a, backend="cuda")
-        for a, b in [(0, 256), (256, 384), (384, x.numel())]
-    ]
-    assert_same(torch.cat([p.codes.cpu() for p in parts]), whole.codes, "sliced codes")
-    assert_same(torch.cat([p.scales.cpu() for p in parts]), whole.scales, "sliced scales")
+    check_slices_match_whole("cuda", DEVICE)
 
 
 @pytest.mark.parametrize("bits", BITS)
