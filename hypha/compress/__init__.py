@@ -17,7 +17,7 @@ from hypha.compress._decode import (
     iter_chunks,
     read_header,
 )
-from hypha.compress._encode import encode, encode_delta, iter_encode, iter_encode_delta
+from hypha.compress._encode import DeltaWriter, encode, encode_delta, iter_encode, iter_encode_delta
 from hypha.compress._errors import CodecError, NonFiniteError
 from hypha.compress._format import (
     CODECS,
@@ -40,6 +40,7 @@ __all__ = [
     "Codec",
     "CodecError",
     "DecodeLimits",
+    "DeltaWriter",
     "Header",
     "NonFiniteError",
     "StreamDecoder",

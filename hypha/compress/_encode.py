@@ -20,7 +20,7 @@ from hypha.compress._format import (
     parse_codec,
 )
 
-__all__ = ["encode", "encode_delta", "iter_encode", "iter_encode_delta"]
+__all__ = ["DeltaWriter", "encode", "encode_delta", "iter_encode", "iter_encode_delta"]
 
 _GOLDEN64 = 0x9E3779B97F4A7C15
 
@@ -233,46 +233,105 @@ def iter_encode_delta(
             for i, t in enumerate(ts):
                 if not _is_finite(t):
                     raise _nonfinite(f"{group}[{i}]", t)
-    header = Header(
-        codec=spec.name,
-        zstd=spec.zstd_level is not None,
-        stochastic=spec.stochastic,
-        block_size=spec.block_size if spec.quantized else 0,
-        chunk_elems=chunk_elems,
-        tensors=tuple(TensorInfo(torch.float32, tuple(g.shape)) for g in globals_),
+    writer = DeltaWriter(
+        [tuple(g.shape) for g in globals_], spec, chunk_elems=chunk_elems, seed=seed, backend=backend
     )
-    yield header.pack()
-    framer = _Framer(spec)
-    for ti, g in enumerate(globals_):
-        gf, lf = g.detach().reshape(-1), locals_[ti].detach().reshape(-1)
-        ef = efs[ti].view(-1) if efs is not None else None
-        for ci, start in enumerate(range(0, gf.numel(), chunk_elems)):
-            end = start + chunk_elems
-            lp = lf[start:end].to(torch.float32)
-            ep = ef[start:end] if ef is not None else None
-            if spec.quantized:
-                q = ops.encode_delta(
-                    gf[start:end],
-                    lp,
-                    ep,
-                    spec.bits,
-                    spec.block_size,
-                    stochastic=spec.stochastic,
-                    seed=tensor_seed(seed, ti),
-                    offset=start,
-                    backend=backend,
-                )
-                _check_scales(q, f"pseudo-gradient {ti}", start)
-                parts = _q_parts(q)
-            else:
-                delta = gf[start:end] - lp
-                if ep is not None:
-                    delta = delta + ep
-                parts = _raw_parts(delta, spec.name)
-                if ep is not None:
-                    sent = delta if spec.name == "fp32" else delta.to(torch.bfloat16).to(torch.float32)
-                    ep.copy_(delta - sent)
-            yield framer.frame(ti, ci, parts)
+    yield writer.header()
+    flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    for ti, ci, start, numel in writer.plan():
+        if ci == 0:  # reshape once per tensor (a non-contiguous local is copied here)
+            ef = efs[ti].view(-1) if efs is not None else None
+            flat = (globals_[ti].detach().reshape(-1), locals_[ti].detach().reshape(-1), ef)
+        assert flat is not None
+        gf, lf, ef = flat
+        end = start + numel
+        ep = ef[start:end] if ef is not None else None
+        yield writer.chunk(ti, ci, gf[start:end], lf[start:end].to(torch.float32), ep)
+
+
+class DeltaWriter:
+    """Writes a pseudo-gradient payload one chunk at a time, for a producer that computes each
+    chunk just before it is encoded (the DiLoCo owner runs the outer step of a chunk, then encodes
+    it, then moves on): :meth:`header` first, then :meth:`chunk` for every entry of :meth:`plan`,
+    in that order. The payload carries float32 tensors of the given shapes.
+
+    ``chunk`` encodes ``global - local + ef`` (``ef`` may be None) and updates ``ef`` in place to
+    what the codec left behind; it checks nothing for NaN/Inf beyond the block scales, so callers
+    check their inputs first (as :func:`iter_encode_delta` does).
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        codec: str | Codec = "int8",
+        *,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        seed: int = 0,
+        backend: str | None = None,
+    ) -> None:
+        self.spec = spec = parse_codec(codec)
+        _check_chunk_elems(chunk_elems, spec)
+        self.seed = seed
+        self.backend = backend
+        self._header = Header(
+            codec=spec.name,
+            zstd=spec.zstd_level is not None,
+            stochastic=spec.stochastic,
+            block_size=spec.block_size if spec.quantized else 0,
+            chunk_elems=chunk_elems,
+            tensors=tuple(TensorInfo(torch.float32, tuple(s)) for s in shapes),
+        )
+        self._framer = _Framer(spec)
+
+    def header(self) -> bytes:
+        return self._header.pack()
+
+    def plan(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(tensor, index, start, numel)`` of every chunk, in wire order."""
+        h = self._header
+        for ti in range(len(h.tensors)):
+            for ci in range(h.chunks_of(ti)):
+                yield ti, ci, ci * h.chunk_elems, h.chunk_numel(ti, ci)
+
+    def chunk(
+        self,
+        tensor: int,
+        index: int,
+        global_: torch.Tensor,
+        local: torch.Tensor,
+        ef: torch.Tensor | None,
+    ) -> bytes:
+        """The framed chunk ``index`` of tensor ``tensor`` from float32 pieces of its elements."""
+        spec, h = self.spec, self._header
+        start = index * h.chunk_elems
+        if global_.numel() != h.chunk_numel(tensor, index):
+            raise ValueError(
+                f"chunk {index} of tensor {tensor} has {h.chunk_numel(tensor, index)} elements, "
+                f"got {global_.numel()}"
+            )
+        if spec.quantized:
+            q = ops.encode_delta(
+                global_,
+                local,
+                ef,
+                spec.bits,
+                spec.block_size,
+                stochastic=spec.stochastic,
+                seed=tensor_seed(self.seed, tensor),
+                offset=start,
+                backend=self.backend,
+            )
+            _check_scales(q, f"pseudo-gradient {tensor}", start)
+            parts = _q_parts(q)
+        else:
+            delta = global_ - local
+            if ef is not None:
+                delta = delta + ef
+            parts = _raw_parts(delta, spec.name)
+            if ef is not None:
+                sent = delta if spec.name == "fp32" else delta.to(torch.bfloat16).to(torch.float32)
+                ef.copy_(delta - sent)
+        return self._framer.frame(tensor, index, parts)
 
 
 def encode_delta(
