@@ -321,10 +321,10 @@ class DiLoCo(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
-        lr, mu = group["outer_lr"], group["outer_momentum"]
-        if not (0.0 <= lr < math.inf):
+        lr, mu = group.get("outer_lr"), group.get("outer_momentum")
+        if not isinstance(lr, int | float) or not (0.0 <= lr < math.inf):
             raise ValueError(f"Invalid outer_lr: {lr}")
-        if not (0.0 <= mu < 1.0):
+        if not isinstance(mu, int | float) or not (0.0 <= mu < 1.0):
             raise ValueError(f"Invalid outer_momentum: {mu}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -860,13 +860,14 @@ class DiLoCo(torch.optim.Optimizer):
                 saved_buf is not None and mine_buf is not None and saved_buf.shape != mine_buf.shape
             ):
                 raise ValueError(f"the checkpoint's {name} does not match this rank's shard")
+        for saved_group in groups:
+            self._check_group(saved_group)
         self.inner.load_state_dict(inner)
         # NOTE: inner.load_state_dict replaced the group dicts; share them again.
         self.param_groups = self.inner.param_groups
         for group, saved_group in zip(self.param_groups, groups, strict=True):
             for key in ("outer_lr", "outer_momentum"):
                 group[key] = saved_group[key]
-            self._check_group(group)
         self._group_of = [g for g in self.param_groups for _ in g["params"]]
         for i, p in enumerate(self._params):
             for key, value in new_states[i].items():
