@@ -26,7 +26,9 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
         return nn.Sequential(nn.Linear(IN, 37), nn.Tanh(), nn.Linear(37, OUT)).to(dtype)
 
 
-def batch(rank: int, step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    rank: int, step: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
     x = torch.randn(8, IN, generator=g)
     return x.to(dtype), torch.sin(x[:, :OUT] * 2).to(dtype)
@@ -113,4 +115,6 @@ def assert_identical(tensors: list[list[torch.Tensor]]) -> None:
         for i, (a, b) in enumerate(zip(tensors[0], ts, strict=True)):
             if not torch.equal(a, b):
                 diff = (a.float() - b.float()).abs().max().item()
-                raise AssertionError(f"tensor {i}: rank {rank} differs from rank 0 (max |diff| {diff})")
+                raise AssertionError(
+                    f"tensor {i}: rank {rank} differs from rank 0 (max |diff| {diff})"
+                )

@@ -37,7 +37,11 @@ def solo(**kwargs: object) -> DiLoCo:
         ({"fragments": 3, "sync_every": 10}, ValueError, "multiple of fragments"),
         ({"overlap_steps": -1}, ValueError, "Invalid overlap_steps"),
         ({"overlap_steps": 11, "sync_every": 10}, ValueError, "Invalid overlap_steps"),
-        ({"overlap_steps": 6, "sync_every": 10, "fragments": 2}, ValueError, "sync_every / fragments = 5"),
+        (
+            {"overlap_steps": 6, "sync_every": 10, "fragments": 2},
+            ValueError,
+            "sync_every / fragments = 5",
+        ),
         ({"merge_alpha": 1.0}, ValueError, "Invalid merge_alpha"),
         ({"merge_alpha": -0.5}, ValueError, "Invalid merge_alpha"),
         ({"nonfinite": "ignore"}, ValueError, "nonfinite must be"),

@@ -90,13 +90,18 @@ def test_world_one_int8_matches_the_reference() -> None:
             local = [p.detach().reshape(-1) for p in model.parameters()]
             flat = [g.view(-1) for g in global_]
             payload = compress.encode_delta(flat, local, [e.view(-1) for e in ef], "int8")
-            for g, d, m, p in zip(global_, compress.decode(payload), mom, model.parameters(), strict=True):
+            for g, d, m, p in zip(
+                global_, compress.decode(payload), mom, model.parameters(), strict=True
+            ):
                 ops.nesterov_(g.view(-1), m.view(-1), d, 0.7, 0.9, backend="reference")
                 p.detach().copy_(g)
     for a, b in zip(w.globals(), global_, strict=True):
         assert torch.equal(a, b)
     assert any(e.abs().sum() > 0 for e in ef), "int8 leaves a residual in the error feedback"
-    assert all(torch.equal(e, w.opt.state[p]["error_feedback"]) for e, p in zip(ef, w.model.parameters(), strict=True))
+    assert all(
+        torch.equal(e, w.opt.state[p]["error_feedback"])
+        for e, p in zip(ef, w.model.parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize(
@@ -121,7 +126,9 @@ def test_global_copies_stay_bit_identical(kwargs: dict[str, object]) -> None:
     rounds = 25 // (kwargs["sync_every"] // kwargs.get("fragments", 1))  # type: ignore[operator]
     assert workers[0].opt.stats.outer_rounds >= rounds - 1
     initial = list(make_model(seed=0).parameters())
-    assert all(not torch.equal(g, p) for g, p in zip(copies[0], initial, strict=True)), "training moved"
+    assert all(not torch.equal(g, p) for g, p in zip(copies[0], initial, strict=True)), (
+        "training moved"
+    )
     # the quantized update is close to the exact one: the copies are not merely identical garbage
     assert all(torch.isfinite(g).all() for g in copies[0])
     for w in workers:
@@ -140,7 +147,9 @@ def test_quantized_round_is_close_to_exact() -> None:
 
 def test_streaming_merges_after_overlap() -> None:
     """Fragment f is exchanged at its step and merged overlap_steps later, with merge_alpha."""
-    (w,) = run_workers(1, 4, sync_every=4, fragments=2, overlap_steps=1, merge_alpha=0.25, codec="fp32")
+    (w,) = run_workers(
+        1, 4, sync_every=4, fragments=2, overlap_steps=1, merge_alpha=0.25, codec="fp32"
+    )
     # step 2: fragment 0 starts; 3: it is merged; 4: fragment 1 starts and is still in flight
     assert w.opt.stats.outer_rounds == 1
     assert w.opt.state_dict()["diloco"]["pending"]["fragment"] == 1
@@ -155,10 +164,15 @@ def test_streaming_merges_after_overlap() -> None:
         p = params[seg.param]
         g = w.opt.state[p]["global"].view(-1)[seg.start : seg.stop]
         local = after_inner[seg.param].view(-1)[seg.start : seg.stop]
-        torch.testing.assert_close(p.detach().view(-1)[seg.start : seg.stop], local * 0.25 + g * 0.75)
+        torch.testing.assert_close(
+            p.detach().view(-1)[seg.start : seg.stop], local * 0.25 + g * 0.75
+        )
     for seg in w.opt.layout.fragment_segments(0):  # fragment 0 is left to the inner step
         p = params[seg.param]
-        assert torch.equal(p.detach().view(-1)[seg.start : seg.stop], after_inner[seg.param].view(-1)[seg.start : seg.stop])
+        assert torch.equal(
+            p.detach().view(-1)[seg.start : seg.stop],
+            after_inner[seg.param].view(-1)[seg.start : seg.stop],
+        )
 
 
 def test_bf16_model_keeps_fp32_masters() -> None:
@@ -175,7 +189,9 @@ def test_bf16_model_keeps_fp32_masters() -> None:
     fp16 = run_workers(2, 8, sync_every=4, codec="int8", dtype=torch.float16, eps=1e-4)
     assert_identical([w.globals() for w in fp16])
     for ws, rounds in ((workers, 3), (fp16, 2)):
-        assert all((w.opt.stats.outer_rounds, w.opt.stats.skipped_rounds) == (rounds, 0) for w in ws)
+        assert all(
+            (w.opt.stats.outer_rounds, w.opt.stats.skipped_rounds) == (rounds, 0) for w in ws
+        )
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -226,9 +242,16 @@ def test_resume_continues_the_same_trajectory(kwargs: dict[str, object]) -> None
     expected = [(w.globals(), w.locals()) for w in straight]
 
     first = run_workers(n, cut, **kwargs)
-    saved = [(copy.deepcopy(w.model.state_dict()), copy.deepcopy(w.opt.state_dict())) for w in first]
+    saved = [
+        (copy.deepcopy(w.model.state_dict()), copy.deepcopy(w.opt.state_dict())) for w in first
+    ]
     if kwargs.get("fragments") == 2:
-        assert saved[0][1]["diloco"]["pending"] == {"fragment": 0, "round": 2, "due": 10, "abstained": False}
+        assert saved[0][1]["diloco"]["pending"] == {
+            "fragment": 0,
+            "round": 2,
+            "due": 10,
+            "abstained": False,
+        }
     for w in first:
         w.opt.close()
     comms = LocalTransport.create(n)
@@ -236,7 +259,9 @@ def test_resume_continues_the_same_trajectory(kwargs: dict[str, object]) -> None
     def resume(rank: int) -> Worker:
         from hypha.optim import DiLoCo
 
-        model = make_model(seed=100 + rank)  # a different init: everything comes from the checkpoint
+        model = make_model(
+            seed=100 + rank
+        )  # a different init: everything comes from the checkpoint
         opt = DiLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), comms[rank], **kwargs)  # type: ignore[arg-type]
         model.load_state_dict(saved[rank][0])
         opt.load_state_dict(saved[rank][1])
