@@ -27,18 +27,18 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def batch(
-    rank: int, step: int, dtype: torch.dtype = torch.float32
+    rank: int, step: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
     x = torch.randn(8, IN, generator=g)
-    return x.to(dtype), torch.sin(x[:, :OUT] * 2).to(dtype)
+    return x.to(device, dtype), torch.sin(x[:, :OUT] * 2).to(device, dtype)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> list[float]:
     losses = []
-    dtype = next(model.parameters()).dtype
+    p = next(model.parameters())
     for step in steps:
-        x, y = batch(rank, step, dtype)
+        x, y = batch(rank, step, p.dtype, str(p.device))
         loss = ((model(x) - y) ** 2).float().mean()
         loss.backward()
         opt.step()
@@ -94,6 +94,7 @@ def run_workers(
     dtype: torch.dtype = torch.float32,
     lr: float = 1e-2,
     eps: float = 1e-8,
+    device: str = "cpu",
     **kwargs: Any,
 ) -> list[Worker]:
     """n workers, each seeded differently (DiLoCo makes them start from rank 0's parameters),
@@ -101,7 +102,7 @@ def run_workers(
     comms = comms if comms is not None else LocalTransport.create(n)
 
     def work(rank: int) -> Worker:
-        model = make_model(seed=rank, dtype=dtype)
+        model = make_model(seed=rank, dtype=dtype).to(device)
         opt = DiLoCo(torch.optim.AdamW(model.parameters(), lr=lr, eps=eps), comms[rank], **kwargs)
         w = Worker(rank, model, opt)
         w.losses = train(model, opt, rank, range(steps))

@@ -274,3 +274,16 @@ def test_resume_continues_the_same_trajectory(kwargs: dict[str, object]) -> None
         assert_identical([globals_, w.globals()])
         assert_identical([locals_, w.locals()])
         assert w.opt.stats.inner_steps == total
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_parameters(dtype: torch.dtype) -> None:
+    workers = run_workers(3, 12, sync_every=4, codec="int4", device="cuda", dtype=dtype)
+    copies = [w.globals() for w in workers]
+    assert all(g.is_cuda and g.dtype == torch.float32 for g in copies[0])
+    assert_identical(copies)
+    # the same bytes as on the CPU: the kernels are bit-exact across devices
+    cpu = run_workers(3, 12, sync_every=4, codec="int4", dtype=dtype)
+    assert_identical([[g.cpu() for g in copies[0]], cpu[0].globals()])
