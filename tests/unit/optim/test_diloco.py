@@ -287,3 +287,40 @@ def test_cuda_parameters(dtype: torch.dtype) -> None:
     # the same bytes as on the CPU: the kernels are bit-exact across devices
     cpu = run_workers(3, 12, sync_every=4, codec="int4", dtype=dtype)
     assert_identical([[g.cpu() for g in copies[0]], cpu[0].globals()])
+
+
+class _SlowLink(LocalTransport):
+    """Every message takes 20 ms to arrive."""
+
+    def _recv(self, peer: int, timeout: float | None) -> tuple[bytes, int]:
+        import time
+
+        time.sleep(0.02)
+        return super()._recv(peer, timeout)
+
+
+def test_streaming_exchange_overlaps_inner_steps() -> None:
+    """With overlap, the step that starts a fragment's exchange returns at once; the training
+    loop only waits for what the overlapped inner steps did not cover."""
+    import time
+
+    comms = _SlowLink.create(2)
+    workers = run_workers(2, 0, comms=comms, codec="int4", sync_every=8, fragments=2, overlap_steps=4)
+    durations: list[list[float]] = [[], []]
+
+    def loop(rank: int) -> None:
+        w = workers[rank]
+        for step in range(8):
+            t0 = time.perf_counter()
+            train(w.model, w.opt, rank, range(step, step + 1))
+            durations[rank].append(time.perf_counter() - t0)
+            time.sleep(0.1)  # the rest of a training step (data loading, logging)
+
+    run_threads(loop, 2)
+    for w, d in zip(workers, durations, strict=True):
+        stats = w.opt.stats
+        assert stats.outer_rounds == 1  # fragment 0: started at step 4, merged at step 8
+        assert stats.exchange_seconds > 0.1  # 8+ messages at 20 ms
+        assert d[3] < 0.5 * stats.exchange_seconds, f"starting the exchange blocked for {d[3]:.3f} s"
+        assert stats.blocked_seconds < 0.5 * stats.exchange_seconds
+    assert_identical([w.globals() for w in workers])
