@@ -4,8 +4,9 @@
 >>> opt = DiLoCo(inner, comm, sync_every=100, codec="int4")        # doctest: +SKIP
 """
 
+from hypha.optim._exchange import ExchangeError
 from hypha.optim._transport import DistTransport, LocalTransport, PipeTransport, Transport
-from hypha.optim.diloco import DiLoCo, DiLoCoStats, ExchangeError
+from hypha.optim.diloco import DiLoCo, DiLoCoStats
 
 __all__ = [
     "DiLoCo",

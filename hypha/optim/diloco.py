@@ -16,13 +16,10 @@ outer step is sharded: every rank is the parameter server of ``1/world_size`` of
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import json
 import math
-import struct
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,45 +27,19 @@ import torch
 
 from hypha import ops
 from hypha.compress import (
-    Chunk,
     Codec,
-    CodecError,
-    DecodeLimits,
     DeltaWriter,
-    Header,
     NonFiniteError,
-    StreamDecoder,
-    iter_encode,
-    iter_encode_delta,
     parse_codec,
 )
 from hypha.compress._format import DEFAULT_CHUNK_ELEMS
-from hypha.optim._layout import Layout, Segment, Shard
+from hypha.optim._exchange import Exchange, ExchangeError, all_finite
+from hypha.optim._layout import Layout, Segment
 from hypha.optim._transport import Transport
 
 __all__ = ["DiLoCo", "DiLoCoStats", "ExchangeError"]
 
-#: Message envelope that opens every payload: magic, version, kind, fragment, sender, round.
-_ENVELOPE = struct.Struct("<4sBBHIQ")
-_MAGIC = b"HYDL"
-_VERSION = 1
-_INIT, _SHARD, _SHARD_NONE, _UPDATE, _UPDATE_NONE = range(5)
-_KIND_NAMES = {
-    _INIT: "initial parameters",
-    _SHARD: "pseudo-gradient shard",
-    _SHARD_NONE: "abstention",
-    _UPDATE: "outer update",
-    _UPDATE_NONE: "empty outer update",
-}
-
 _STATE_VERSION = 1
-
-
-class ExchangeError(RuntimeError):
-    """An outer round failed (a timeout, a peer gone, malformed bytes, a peer out of step).
-
-    Peers no longer agree on the global model, so the optimizer refuses further steps: reload a
-    checkpoint on every rank."""
 
 
 @dataclass
@@ -94,39 +65,6 @@ class _Pending:
     inline: bool  # exchanged on the training thread: all of it was blocking
     #: None once finished (or when restored from a checkpoint)
     future: concurrent.futures.Future[float] | None
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    return (
-        t.numel() == 0
-        or bool(torch.isfinite(t.sum(dtype=torch.float32)))
-        or bool(torch.isfinite(t).all())
-    )
-
-
-class _ShardDecoder(StreamDecoder):
-    """A StreamDecoder that checks the payload against the shard it must carry."""
-
-    def __init__(
-        self, shapes: Sequence[tuple[int, ...]], codec: Codec, where: str, **kw: Any
-    ) -> None:
-        total = sum(math.prod(s) for s in shapes)
-        super().__init__(
-            DecodeLimits(max_total_elems=max(total, 1), max_tensors=max(len(shapes), 1)), **kw
-        )
-        self._shapes, self._codec, self._where = list(shapes), codec, where
-
-    def _on_header(self, header: Header) -> None:
-        got = [tuple(t.shape) for t in header.tensors]
-        if got != self._shapes:
-            raise CodecError(
-                f"{self._where}: payload carries tensors {got[:4]}..., expected {self._shapes[:4]}... "
-                "(the peer's model or DiLoCo settings differ from this one)"
-            )
-        if header.codec != self._codec.name:
-            raise CodecError(
-                f"{self._where}: peer encodes with {header.codec}, this rank with {self._codec.name}"
-            )
 
 
 class DiLoCo(torch.optim.Optimizer):
@@ -292,8 +230,6 @@ class DiLoCo(torch.optim.Optimizer):
         align = self.codec.block_size if self.codec.quantized else 1
         self.layout = Layout([p.numel() for p in self._params], fragments, comm.world_size, align)
         self.rank, self.world_size = comm.rank, comm.world_size
-        # world size 1: nobody to send the update to, so it is applied exactly, in place
-        self._direct = self.world_size == 1
 
         for p in self._params:
             st = self.state[p]
@@ -304,7 +240,7 @@ class DiLoCo(torch.optim.Optimizer):
         self._outer_momentum = torch.zeros(owned, dtype=torch.float32, device=self.device)
         self._outer_ef = (
             torch.zeros(owned, dtype=torch.float32, device=self.device)
-            if error_feedback and not self._direct
+            if error_feedback and self.world_size > 1  # one rank applies its update exactly
             else None
         )
         self._step = 0
@@ -312,7 +248,22 @@ class DiLoCo(torch.optim.Optimizer):
         self._pending: _Pending | None = None
         self._failed: BaseException | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._exchange = Exchange(
+            comm,
+            self.layout,
+            self.codec,
+            params=self._params,
+            globals_=[self.state[p]["global"] for p in self._params],
+            error_feedback=[self.state[p]["error_feedback"] for p in self._params]
+            if error_feedback
+            else None,
+            momentum=self._outer_momentum,
+            outer_ef=self._outer_ef,
+            hyper=self._hyper,
+            chunk_elems=chunk_elems,
+            timeout=self.timeout,
+            backend=backend,
+        )
         self._sync_initial()
         # stats count the rounds' traffic, not the initial broadcast
         self._bytes0 = (comm.bytes_sent, comm.bytes_received)
@@ -326,6 +277,10 @@ class DiLoCo(torch.optim.Optimizer):
             raise ValueError(f"Invalid outer_lr: {lr}")
         if not isinstance(mu, int | float) or not (0.0 <= mu < 1.0):
             raise ValueError(f"Invalid outer_momentum: {mu}")
+
+    def _hyper(self, i: int) -> tuple[float, float]:
+        group = self._group_of[i]
+        return float(group["outer_lr"]), float(group["outer_momentum"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "layout"):
@@ -377,14 +332,19 @@ class DiLoCo(torch.optim.Optimizer):
         self._step += 1
         self.stats.inner_steps = self._step
         t = self._step
+        # NOTE: a NonFiniteError (nonfinite="raise") waits until this step's round has started:
+        # the peers start it at this step whatever happens here
+        error = None
         if self._pending is not None and self._pending.due <= t:
-            self._finish_pending()
+            error = self._finish_pending()
         interval = self.sync_every // self.fragments
         if t % interval == 0:
             fragment = (t // interval - 1) % self.fragments
             self._start_round(fragment)
             if self.overlap_steps == 0:
-                self._finish_pending()
+                error = self._finish_pending() or error
+        if error is not None:
+            raise error
         return loss
 
     def synchronize(self) -> None:
@@ -406,21 +366,28 @@ class DiLoCo(torch.optim.Optimizer):
         assert self._pending is None, "one exchange in flight at most"
         round_ = self._round
         self._round += 1
-        payloads = self._encode(fragment, round_)
+        payloads = self._exchange.encode(fragment, round_)
         abstained = payloads is None
         self._pending = _Pending(
-            fragment, round_, self._step + self.overlap_steps, abstained, self.overlap_steps == 0, None
+            fragment,
+            round_,
+            self._step + self.overlap_steps,
+            abstained,
+            self.overlap_steps == 0,
+            None,
         )
         if self.overlap_steps == 0:
             self._pending.future = concurrent.futures.Future()
             try:
-                self._pending.future.set_result(self._exchange(fragment, round_, payloads))
+                self._pending.future.set_result(self._exchange.run(fragment, round_, payloads))
             except BaseException as exc:
                 self._pending.future.set_exception(exc)
         else:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, "hypha-diloco")
-            self._pending.future = self._executor.submit(self._exchange, fragment, round_, payloads)
+            self._pending.future = self._executor.submit(
+                self._exchange.run, fragment, round_, payloads
+            )
 
     def _wait(self, pending: _Pending) -> None:
         assert pending.future is not None
@@ -445,25 +412,31 @@ class DiLoCo(torch.optim.Optimizer):
             self.stats.blocked_seconds += seconds
         self.stats.outer_rounds += 1
 
-    def _finish_pending(self) -> None:
+    def _finish_pending(self) -> NonFiniteError | None:
+        """Waits for the exchange in flight and merges it; returns the error to raise when this
+        worker sat the round out and ``nonfinite="raise"``."""
         pending = self._pending
         assert pending is not None
         if pending.future is not None:
             self._wait(pending)
         self._pending = None
-        self._merge(
-            pending.fragment, 0.0 if pending.abstained else self.merge_alpha, pending.abstained
-        )
-        if pending.abstained:
+        if not pending.abstained:
+            self._merge(pending.fragment, self.merge_alpha, reset_inner=False)
+        else:
+            # NOTE: restart every fragment, not just this one: NaN left in any parameter spreads
+            # to all of them at the next inner step. No other exchange is in flight here.
+            for fragment in range(self.fragments):
+                self._merge(fragment, 0.0, reset_inner=True)
             self.stats.skipped_rounds += 1
             message = (
                 f"rank {self.rank}: parameters held NaN/Inf at inner step {pending.due - self.overlap_steps}; "
-                f"this worker sat out outer round {pending.round} and restarted fragment "
-                f"{pending.fragment} from the global model"
+                f"this worker sat out outer round {pending.round} (fragment {pending.fragment}) "
+                "and restarted from the global model"
             )
             if self.nonfinite == "raise":
-                raise NonFiniteError(message)
+                return NonFiniteError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
 
     # --- local parameters -----------------------------------------------------------------------
 
@@ -487,230 +460,6 @@ class DiLoCo(torch.optim.Optimizer):
             if reset_inner:
                 self.inner.state.pop(self._params[i], None)
 
-    def _encode(self, fragment: int, round_: int) -> list[list[bytes]] | None:
-        """The worker's pseudo-gradient of ``fragment``, one payload per owner, encoded now (the
-        inner steps that follow change the local parameters). None when it holds NaN/Inf."""
-        for i in self.layout.fragment_params(fragment):
-            if not _all_finite(self._params[i].detach()):
-                return None
-        payloads = []
-        for shard in self.layout.shards[fragment]:
-            globals_, locals_, efs = [], [], []
-            for seg in shard.segments:
-                p = self._params[seg.param]
-                st = self.state[p]
-                globals_.append(st["global"].view(-1)[seg.start : seg.stop])
-                flat = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
-                locals_.append(flat[seg.start : seg.stop])
-                if self.error_feedback:
-                    efs.append(st["error_feedback"].view(-1)[seg.start : seg.stop])
-            payloads.append(
-                list(
-                    iter_encode_delta(
-                        globals_,
-                        locals_,
-                        efs if self.error_feedback else None,
-                        self.codec,
-                        chunk_elems=self.chunk_elems,
-                        seed=self._seed(round_, shard.owner),
-                        check_finite=False,  # checked above, before any error feedback moved
-                        backend=self.backend,
-                    )
-                )
-            )
-        return payloads
-
-    def _seed(self, round_: int, shard: int) -> int:
-        """Stochastic-rounding seed: distinct per round, sender and shard, the same on a rerun."""
-        digest = hashlib.blake2b(
-            struct.pack("<QII", round_, self.rank, shard), digest_size=8
-        ).digest()
-        return int.from_bytes(digest, "little")
-
-    # --- the exchange (runs on the exchange thread when overlapped) ------------------------------
-
-    def _send_payload(
-        self, peer: int, kind: int, fragment: int, round_: int, pieces: list[bytes]
-    ) -> None:
-        self.comm.send(peer, _ENVELOPE.pack(_MAGIC, _VERSION, kind, fragment, self.rank, round_))
-        for piece in pieces:
-            self.comm.send(peer, piece)
-
-    def _open(self, peer: int, kinds: tuple[int, ...], fragment: int, round_: int) -> int:
-        """Reads a payload's envelope from ``peer``; returns its kind."""
-        msg = self.comm.recv(peer, self.timeout)
-        if len(msg) != _ENVELOPE.size:
-            raise ExchangeError(
-                f"rank {self.rank}: rank {peer} sent {len(msg)} bytes where an envelope belongs"
-            )
-        magic, version, kind, frag, sender, rnd = _ENVELOPE.unpack(msg)
-        if magic != _MAGIC or version != _VERSION:
-            raise ExchangeError(
-                f"rank {self.rank}: rank {peer} speaks {magic!r} v{version}, not DiLoCo v{_VERSION}"
-            )
-        if sender != peer or kind not in kinds or frag != fragment or rnd != round_:
-            expect = " or ".join(_KIND_NAMES[k] for k in kinds)
-            got = _KIND_NAMES.get(kind, f"kind {kind}")
-            raise ExchangeError(
-                f"rank {self.rank}: rank {peer} is out of step: it sent {got} for round {rnd} "
-                f"fragment {frag} (from rank {sender}), expected {expect} for round {round_} "
-                f"fragment {fragment}"
-            )
-        return kind
-
-    def _chunks(self, source: Callable[[], bytes], decoder: StreamDecoder) -> Iterator[Chunk]:
-        while not decoder.done:
-            yield from decoder.feed(source())
-        decoder.finish()
-
-    def _source(self, peer: int, pieces: list[bytes] | None) -> Callable[[], bytes]:
-        if peer == self.rank:
-            assert pieces is not None
-            it = iter(pieces)
-            return lambda: next(it)
-        return lambda: self.comm.recv(peer, self.timeout)
-
-    def _scratch_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._scratch is None:
-            n = min(self.chunk_elems, max(self.layout.total, 1))
-            self._scratch = (
-                torch.empty(n, dtype=torch.float32, device=self.device),
-                torch.empty(n, dtype=torch.float32, device=self.device),
-            )
-        return self._scratch
-
-    def _exchange(self, fragment: int, round_: int, payloads: list[list[bytes]] | None) -> float:
-        t0 = time.perf_counter()
-        try:
-            self._exchange_inner(fragment, round_, payloads)
-            self.comm.flush(self.timeout)
-        except ExchangeError:
-            raise
-        except (CodecError, TimeoutError, ConnectionError, NonFiniteError, ValueError) as exc:
-            raise ExchangeError(
-                f"rank {self.rank}: outer round {round_} (fragment {fragment}) failed: {exc}"
-            ) from exc
-        return time.perf_counter() - t0
-
-    def _exchange_inner(
-        self, fragment: int, round_: int, payloads: list[list[bytes]] | None
-    ) -> None:
-        shards = self.layout.shards[fragment]
-        mine = shards[self.rank]
-        # 1. my pseudo-gradient shards to their owners
-        for j in range(self.world_size):
-            if j != self.rank:
-                if payloads is None:
-                    self._send_payload(j, _SHARD_NONE, fragment, round_, [])
-                else:
-                    self._send_payload(j, _SHARD, fragment, round_, payloads[j])
-        # 2. as owner of my shard: merge everyone's contributions, outer step, broadcast
-        streams: list[Iterator[Chunk]] = []
-        for i in range(self.world_size):
-            if i == self.rank:
-                if payloads is None:
-                    continue
-                source = self._source(i, payloads[i])
-            else:
-                if self._open(i, (_SHARD, _SHARD_NONE), fragment, round_) == _SHARD_NONE:
-                    continue
-                source = self._source(i, None)
-            decoder = _ShardDecoder(
-                mine.shapes, self.codec, f"shard from rank {i}", device=self.device
-            )
-            streams.append(self._chunks(source, decoder))
-        self._outer_step(mine, fragment, round_, streams)
-        # 3. everyone else's outer updates into my global copy
-        for j in range(self.world_size):
-            if j == self.rank:
-                continue
-            if self._open(j, (_UPDATE, _UPDATE_NONE), fragment, round_) == _UPDATE_NONE:
-                continue
-            decoder = _ShardDecoder(
-                shards[j].shapes, self.codec, f"update from rank {j}", device=self.device
-            )
-            for chunk in self._chunks(self._source(j, None), decoder):
-                self._apply(shards[j], chunk)
-
-    def _apply(self, shard: Shard, chunk: Chunk) -> None:
-        seg = shard.segments[chunk.tensor]
-        g = self.state[self._params[seg.param]]["global"].view(-1)[seg.start : seg.stop]
-        chunk.accumulate_into(g)
-
-    def _outer_step(
-        self, shard: Shard, fragment: int, round_: int, streams: list[Iterator[Chunk]]
-    ) -> None:
-        peers = [j for j in range(self.world_size) if j != self.rank]
-        n = len(streams)
-        if n == 0 or shard.numel == 0:
-            for j in peers:
-                self._send_payload(j, _UPDATE_NONE, fragment, round_, [])
-            for stream in streams:  # an empty shard still has a payload to read to its end
-                for _ in stream:
-                    pass
-            return
-        writer = None
-        if not self._direct:
-            writer = DeltaWriter(
-                shard.shapes,
-                self.codec,
-                chunk_elems=self.chunk_elems,
-                seed=self._seed(round_, self.world_size + 1),
-                backend=self.backend,
-            )
-            header = writer.header()
-            for j in peers:
-                self._send_payload(j, _UPDATE, fragment, round_, [header])
-            own = _ShardDecoder(shard.shapes, self.codec, "own update", device=self.device)
-            own.feed(header)
-        acc_buf, new_buf = self._scratch_buffers()
-        offsets = [0]
-        for seg in shard.segments:
-            offsets.append(offsets[-1] + seg.numel)
-        plan = (
-            writer.plan()
-            if writer is not None
-            else DeltaWriter(shard.shapes, "fp32", chunk_elems=self.chunk_elems).plan()
-        )
-        for ti, ci, start, numel in plan:
-            seg = shard.segments[ti]
-            acc = acc_buf[:numel]
-            acc.zero_()
-            for stream in streams:  # rank order: the sum is the same on every run
-                chunk = next(stream)
-                if (chunk.tensor, chunk.start, chunk.numel) != (ti, start, numel):
-                    raise ExchangeError(
-                        f"rank {self.rank}: chunk {chunk.index} of tensor {chunk.tensor} out of plan"
-                    )
-                _add(acc, chunk)
-            acc.div_(n)
-            group = self._group_of[seg.param]
-            lr, mu = float(group["outer_lr"]), float(group["outer_momentum"])
-            lo = shard.owner_offset + offsets[ti] + start
-            mom = self._outer_momentum[lo : lo + numel]
-            g = self.state[self._params[seg.param]]["global"].view(-1)[
-                seg.start + start : seg.start + start + numel
-            ]
-            if writer is None:
-                ops.nesterov_(g, mom, acc, lr, mu, backend=self.backend)
-                continue
-            new = new_buf[:numel]
-            new.copy_(g)
-            ops.nesterov_(new, mom, acc, lr, mu, backend=self.backend)
-            ef = self._outer_ef[lo : lo + numel] if self._outer_ef is not None else None
-            body = writer.chunk(ti, ci, new, g, ef)
-            for j in peers:
-                self.comm.send(j, body)
-            for own_chunk in own.feed(body):  # apply exactly the bytes the others apply
-                _add(g, own_chunk)
-        for stream in streams:  # each payload must end where the plan does
-            for extra in stream:
-                raise ExchangeError(
-                    f"rank {self.rank}: unexpected chunk {extra.index} of tensor {extra.tensor}"
-                )
-        if writer is not None:
-            own.finish()
-
     # --- the initial broadcast --------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
@@ -726,42 +475,14 @@ class DiLoCo(torch.optim.Optimizer):
         }
 
     def _sync_initial(self) -> None:
-        """Every rank starts from rank 0's parameters (as DDP does), and checks that its
+        """Every rank starts from rank 0's parameters (as DDP does) after checking that its
         settings agree with rank 0's."""
         if self.world_size == 1:
             return
-        try:
-            if self.rank == 0:
-                settings = json.dumps(self._settings()).encode()
-                pieces = [settings, *iter_encode([p.detach().reshape(-1) for p in self._params], "fp32")]
-                for j in range(1, self.world_size):
-                    self._send_payload(j, _INIT, 0, 0, pieces)
-                self.comm.flush(self.timeout)
-                return
-            self._open(0, (_INIT,), 0, 0)
-            theirs = json.loads(self.comm.recv(0, self.timeout))
-            mine = self._settings()
-            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-            if diff:
-                raise ValueError(
-                    f"rank {self.rank}: DiLoCo settings differ from rank 0's: "
-                    + ", ".join(
-                        f"{k}: rank 0 has {a!r}, this rank {b!r}" for k, (a, b) in diff.items()
-                    )
-                )
-            shapes = [(p.numel(),) for p in self._params]
-            decoder = _ShardDecoder(
-                shapes, parse_codec("fp32"), "initial parameters", device=self.device
-            )
-            for chunk in self._chunks(self._source(0, None), decoder):
-                g = self.state[self._params[chunk.tensor]]["global"].view(-1)
-                g[chunk.start : chunk.start + chunk.numel].copy_(chunk.values())
-        except (CodecError, TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
-            raise ExchangeError(
-                f"rank {self.rank}: receiving the initial parameters failed: {exc}"
-            ) from exc
-        for p in self._params:
-            p.detach().copy_(self.state[p]["global"].view_as(p))
+        if self.rank == 0:
+            self._exchange.send_initial(self._settings())
+        else:
+            self._exchange.receive_initial(self._settings())
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -848,7 +569,7 @@ class DiLoCo(torch.optim.Optimizer):
                     raise ValueError(
                         f"parameter {i} {key}: expected shape {tuple(self.state[p][key].shape)}"
                     )
-                if not _all_finite(value):
+                if not all_finite(value):
                     raise ValueError(f"parameter {i} {key} holds NaN/Inf in the checkpoint")
             new_states[i] = saved
         for name, mine_buf in (
@@ -881,17 +602,13 @@ class DiLoCo(torch.optim.Optimizer):
             None
             if pending is None
             else _Pending(
-                pending["fragment"], pending["round"], pending["due"], pending["abstained"], False, None
+                pending["fragment"],
+                pending["round"],
+                pending["due"],
+                pending["abstained"],
+                False,
+                None,
             )
         )
         self.stats = DiLoCoStats(**meta["stats"])
         self._failed = None
-
-
-def _add(dst: torch.Tensor, chunk: Chunk) -> None:
-    """dst += the chunk's values, for ``dst`` exactly the chunk's elements."""
-    if chunk.q is not None:
-        ops.dequantize_accumulate_(dst, chunk.q)
-    else:
-        assert chunk.raw is not None
-        dst.add_(chunk.raw)

@@ -210,3 +210,31 @@ def test_bad_checkpoints_are_refused_and_change_nothing() -> None:
     assert torch.equal(after["diloco"]["outer_momentum"], snapshot["diloco"]["outer_momentum"])
     assert after["inner"]["state"][0]["step"] == snapshot["inner"]["state"][0]["step"]
     w.opt.load_state_dict(good)  # and a good one still loads
+
+
+def test_nonfinite_raise_does_not_desynchronise_streaming() -> None:
+    """The merge that raises and the next fragment's start fall on the same step: the raising
+    rank still starts that round, so its peers do not wait for it."""
+    workers = start(
+        2, codec="int8", sync_every=4, fragments=2, overlap_steps=2, nonfinite="raise", timeout=5.0
+    )
+    assert steps(workers, range(1)) == [None, None]
+    poison(workers[0])
+    errors = steps(workers, range(1, 4))  # step 2 starts fragment 0; step 4 merges it, starts 1
+    assert isinstance(errors[0], NonFiniteError) and errors[1] is None
+
+    def keep_going(rank: int) -> list[str]:
+        seen = []
+        for step in range(4, 12):
+            try:
+                train(workers[rank].model, workers[rank].opt, rank, range(step, step + 1))
+            except NonFiniteError as exc:
+                seen.append(str(exc))
+        return seen
+
+    seen = run_threads(keep_going, 2)
+    assert seen[1] == []
+    assert_identical([w.globals() for w in workers])
+    assert all(torch.isfinite(g).all() for g in workers[1].globals())
+    # rank 0 restarted from the global model, fragment by fragment: it is healthy again
+    assert all(torch.isfinite(p).all() for p in workers[0].model.parameters())

@@ -1,0 +1,404 @@
+"""One rank's side of DiLoCo's outer rounds: the messages and the sharded outer step.
+
+A round of one fragment, on rank ``r`` of ``N`` (docs/design/2026-11-23-diloco-optimizer.md):
+
+1. ``r`` sends shard ``j`` of its encoded pseudo-gradient to rank ``j`` (or an abstention);
+2. as the owner of shard ``r``, it merges the ``N`` contributions chunk by chunk in rank order,
+   averages them, runs the fused Nesterov step on a scratch copy of the global chunk, and encodes
+   ``new - global`` (with the owner's error feedback) into its update, which it sends to every
+   peer and applies to its own global copy from the same bytes;
+3. it applies every other owner's update to its global copy.
+
+Every payload opens with an envelope (kind, fragment, round, sender) so a peer that is out of
+step is named, and is decoded by a :class:`~hypha.compress.StreamDecoder` that checks it carries
+exactly the expected tensors: malformed bytes raise, they are never applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from hypha import ops
+from hypha.compress import (
+    Chunk,
+    Codec,
+    CodecError,
+    DecodeLimits,
+    DeltaWriter,
+    Header,
+    NonFiniteError,
+    StreamDecoder,
+    iter_encode,
+    iter_encode_delta,
+    parse_codec,
+)
+from hypha.optim._layout import Layout, Shard
+from hypha.optim._transport import Transport
+
+__all__ = ["Exchange", "ExchangeError", "all_finite"]
+
+#: Opens every payload: magic, version, kind, fragment, sender, round.
+_ENVELOPE = struct.Struct("<4sBBHIQ")
+_MAGIC = b"HYDL"
+_VERSION = 1
+_INIT, _SHARD, _SHARD_NONE, _UPDATE, _UPDATE_NONE = range(5)
+_KIND_NAMES = {
+    _INIT: "initial parameters",
+    _SHARD: "pseudo-gradient shard",
+    _SHARD_NONE: "abstention",
+    _UPDATE: "outer update",
+    _UPDATE_NONE: "empty outer update",
+}
+
+
+class ExchangeError(RuntimeError):
+    """An outer round failed (a timeout, a peer gone, malformed bytes, a peer out of step).
+
+    Peers no longer agree on the global model, so the optimizer refuses further steps: reload a
+    checkpoint on every rank."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    # a sum is one streaming read; only when it is not finite is the exact check worth paying for
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _add(dst: torch.Tensor, chunk: Chunk) -> None:
+    """dst += the chunk's values, for ``dst`` exactly the chunk's elements."""
+    if chunk.q is not None:
+        ops.dequantize_accumulate_(dst, chunk.q)
+    else:
+        assert chunk.raw is not None
+        dst.add_(chunk.raw)
+
+
+class _ShardDecoder(StreamDecoder):
+    """A StreamDecoder that checks the payload against the shard it must carry."""
+
+    def __init__(
+        self, shapes: Sequence[tuple[int, ...]], codec: Codec, where: str, device: torch.device
+    ) -> None:
+        total = sum(math.prod(s) for s in shapes)
+        limits = DecodeLimits(max_total_elems=max(total, 1), max_tensors=max(len(shapes), 1))
+        super().__init__(limits, device=device)
+        self._shapes, self._codec, self._where = list(shapes), codec, where
+
+    def _on_header(self, header: Header) -> None:
+        got = [tuple(t.shape) for t in header.tensors]
+        if got != self._shapes:
+            raise CodecError(
+                f"{self._where}: the payload carries {len(got)} tensors {got[:3]}..., expected "
+                f"{len(self._shapes)} {self._shapes[:3]}... (the peer's model or DiLoCo settings "
+                "differ from this one)"
+            )
+        if header.codec != self._codec.name:
+            raise CodecError(
+                f"{self._where}: the peer encodes with {header.codec}, this rank with "
+                f"{self._codec.name}"
+            )
+
+
+class Exchange:
+    """Runs outer rounds for one rank.
+
+    ``params`` are the local parameters, ``globals_`` and ``error_feedback`` their fp32 global
+    copies and error feedback (flat views are taken per segment); ``momentum`` and ``outer_ef``
+    are this rank's flat owner buffers, laid out as ``layout`` says; ``hyper(i)`` returns the
+    current ``(outer_lr, outer_momentum)`` of parameter ``i``.
+    """
+
+    def __init__(
+        self,
+        comm: Transport,
+        layout: Layout,
+        codec: Codec,
+        *,
+        params: Sequence[torch.Tensor],
+        globals_: Sequence[torch.Tensor],
+        error_feedback: Sequence[torch.Tensor] | None,
+        momentum: torch.Tensor,
+        outer_ef: torch.Tensor | None,
+        hyper: Callable[[int], tuple[float, float]],
+        chunk_elems: int,
+        timeout: float,
+        backend: str | None,
+    ) -> None:
+        self.comm, self.layout, self.codec = comm, layout, codec
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.params, self.globals = list(params), list(globals_)
+        self.error_feedback = None if error_feedback is None else list(error_feedback)
+        self.momentum, self.outer_ef, self.hyper = momentum, outer_ef, hyper
+        self.chunk_elems, self.timeout, self.backend = chunk_elems, timeout, backend
+        self.device = momentum.device
+        # world size 1: nobody to send the update to, so it is applied exactly, in place
+        self.direct = self.world_size == 1
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- the worker's pseudo-gradient (on the training thread) --------------------------------
+
+    def _local(self, i: int) -> torch.Tensor:
+        p = self.params[i].detach()
+        return p.view(-1) if p.is_contiguous() else p.reshape(-1)
+
+    def encode(self, fragment: int, round_: int) -> list[list[bytes]] | None:
+        """This worker's pseudo-gradient of ``fragment`` as one payload per owner, encoded now
+        (the inner steps that follow change the parameters); the error feedback moves. None,
+        with nothing moved, when the fragment's parameters hold NaN/Inf."""
+        if not all(
+            all_finite(self.params[i].detach()) for i in self.layout.fragment_params(fragment)
+        ):
+            return None
+        payloads = []
+        for shard in self.layout.shards[fragment]:
+            segs = shard.segments
+            efs = self.error_feedback
+            payload = iter_encode_delta(
+                [self.globals[s.param].view(-1)[s.start : s.stop] for s in segs],
+                [self._local(s.param)[s.start : s.stop] for s in segs],
+                None if efs is None else [efs[s.param].view(-1)[s.start : s.stop] for s in segs],
+                self.codec,
+                chunk_elems=self.chunk_elems,
+                seed=self._seed(round_, shard.owner),
+                check_finite=False,  # checked above, before any error feedback moved
+                backend=self.backend,
+            )
+            payloads.append(list(payload))
+        return payloads
+
+    def _seed(self, round_: int, stream: int) -> int:
+        """Stochastic-rounding seed: distinct per round, sender and stream; the same on a rerun."""
+        key = struct.pack("<QII", round_, self.rank, stream)
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def _send(
+        self, peer: int, kind: int, fragment: int, round_: int, pieces: Sequence[bytes] = ()
+    ) -> None:
+        self.comm.send(peer, _ENVELOPE.pack(_MAGIC, _VERSION, kind, fragment, self.rank, round_))
+        for piece in pieces:
+            self.comm.send(peer, piece)
+
+    def _open(self, peer: int, kinds: tuple[int, ...], fragment: int, round_: int) -> int:
+        """Reads a payload's envelope from ``peer``; returns its kind."""
+        msg = self.comm.recv(peer, self.timeout)
+        if len(msg) != _ENVELOPE.size:
+            raise ExchangeError(
+                f"rank {self.rank}: rank {peer} sent {len(msg)} bytes where an envelope belongs"
+            )
+        magic, version, kind, frag, sender, rnd = _ENVELOPE.unpack(msg)
+        if magic != _MAGIC or version != _VERSION:
+            raise ExchangeError(
+                f"rank {self.rank}: rank {peer} speaks {magic!r} v{version}, not DiLoCo v{_VERSION}"
+            )
+        if sender != peer or kind not in kinds or frag != fragment or rnd != round_:
+            expect = " or ".join(_KIND_NAMES[k] for k in kinds)
+            got = _KIND_NAMES.get(kind, f"kind {kind}")
+            raise ExchangeError(
+                f"rank {self.rank}: rank {peer} is out of step: it sent {got} for round {rnd} "
+                f"fragment {frag} (from rank {sender}), expected {expect} for round {round_} "
+                f"fragment {fragment}"
+            )
+        return kind
+
+    def _chunks(
+        self, peer: int, decoder: StreamDecoder, pieces: Sequence[bytes] = ()
+    ) -> Iterator[Chunk]:
+        """The verified chunks of a payload: from ``pieces`` for this rank's own, else received
+        from ``peer`` one message at a time."""
+        if peer == self.rank:
+            for piece in pieces:
+                yield from decoder.feed(piece)
+        else:
+            while not decoder.done:
+                yield from decoder.feed(self.comm.recv(peer, self.timeout))
+        decoder.finish()
+
+    # --- a round (on the exchange thread when it overlaps training) ---------------------------
+
+    def run(self, fragment: int, round_: int, payloads: list[list[bytes]] | None) -> float:
+        """One round of ``fragment`` with this worker's ``payloads`` (None: it abstains);
+        returns its wall time. Any failure raises ExchangeError."""
+        t0 = time.perf_counter()
+        try:
+            self._round(fragment, round_, payloads)
+            self.comm.flush(self.timeout)
+        except ExchangeError:
+            raise
+        except (CodecError, TimeoutError, ConnectionError, NonFiniteError, ValueError) as exc:
+            raise ExchangeError(
+                f"rank {self.rank}: outer round {round_} (fragment {fragment}) failed: {exc}"
+            ) from exc
+        return time.perf_counter() - t0
+
+    def _round(self, fragment: int, round_: int, payloads: list[list[bytes]] | None) -> None:
+        shards = self.layout.shards[fragment]
+        mine = shards[self.rank]
+        peers = [j for j in range(self.world_size) if j != self.rank]
+        # 1. my pseudo-gradient shards to their owners
+        for j in peers:
+            if payloads is None:
+                self._send(j, _SHARD_NONE, fragment, round_)
+            else:
+                self._send(j, _SHARD, fragment, round_, payloads[j])
+        # 2. as the owner of my shard: everyone's contributions (rank order), the outer step
+        streams = []
+        for i in range(self.world_size):
+            if i == self.rank and payloads is None:
+                continue
+            if (
+                i != self.rank
+                and self._open(i, (_SHARD, _SHARD_NONE), fragment, round_) == _SHARD_NONE
+            ):
+                continue
+            decoder = _ShardDecoder(mine.shapes, self.codec, f"shard from rank {i}", self.device)
+            streams.append(
+                self._chunks(i, decoder, payloads[i] if i == self.rank and payloads else ())
+            )
+        self._outer_step(mine, fragment, round_, streams, peers)
+        # 3. the other owners' updates into my global copy
+        for j in peers:
+            if self._open(j, (_UPDATE, _UPDATE_NONE), fragment, round_) == _UPDATE_NONE:
+                continue
+            decoder = _ShardDecoder(
+                shards[j].shapes, self.codec, f"update from rank {j}", self.device
+            )
+            for chunk in self._chunks(j, decoder):
+                seg = shards[j].segments[chunk.tensor]
+                chunk.accumulate_into(self.globals[seg.param].view(-1)[seg.start : seg.stop])
+
+    def _scratch_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scratch is None:
+            n = min(self.chunk_elems, max(self.layout.total, 1))
+            self._scratch = (
+                torch.empty(n, dtype=torch.float32, device=self.device),
+                torch.empty(n, dtype=torch.float32, device=self.device),
+            )
+        return self._scratch
+
+    def _outer_step(
+        self,
+        shard: Shard,
+        fragment: int,
+        round_: int,
+        streams: list[Iterator[Chunk]],
+        peers: list[int],
+    ) -> None:
+        n = len(streams)
+        if n == 0 or shard.numel == 0:
+            for j in peers:
+                self._send(j, _UPDATE_NONE, fragment, round_)
+            for stream in streams:  # an empty shard still has payloads to read to their end
+                for _ in stream:
+                    pass
+            return
+        # the update's chunks follow the same plan as the contributions' (same shapes, chunking)
+        writer = DeltaWriter(
+            shard.shapes,
+            self.codec if not self.direct else "fp32",
+            chunk_elems=self.chunk_elems,
+            seed=self._seed(round_, self.world_size + 1),
+            backend=self.backend,
+        )
+        own: StreamDecoder | None = None
+        if not self.direct:
+            header = writer.header()
+            for j in peers:
+                self._send(j, _UPDATE, fragment, round_, [header])
+            own = _ShardDecoder(shard.shapes, self.codec, "own update", self.device)
+            own.feed(header)
+        acc_buf, new_buf = self._scratch_buffers()
+        offsets = [0]
+        for seg in shard.segments:
+            offsets.append(offsets[-1] + seg.numel)
+        for ti, ci, start, numel in writer.plan():
+            seg = shard.segments[ti]
+            acc = acc_buf[:numel]
+            acc.zero_()
+            for stream in streams:  # rank order: the same sum on every run
+                chunk = next(stream)
+                if (chunk.tensor, chunk.start, chunk.numel) != (ti, start, numel):
+                    raise ExchangeError(
+                        f"rank {self.rank}: chunk {chunk.index} of tensor {chunk.tensor} is out of plan"
+                    )
+                _add(acc, chunk)
+            acc.div_(n)
+            lr, mu = self.hyper(seg.param)
+            lo = shard.owner_offset + offsets[ti] + start
+            mom = self.momentum[lo : lo + numel]
+            g = self.globals[seg.param].view(-1)[seg.start + start : seg.start + start + numel]
+            if own is None:
+                ops.nesterov_(g, mom, acc, lr, mu, backend=self.backend)
+                continue
+            new = new_buf[:numel]
+            new.copy_(g)
+            ops.nesterov_(new, mom, acc, lr, mu, backend=self.backend)
+            ef = self.outer_ef[lo : lo + numel] if self.outer_ef is not None else None
+            body = writer.chunk(ti, ci, new, g, ef)
+            for j in peers:
+                self.comm.send(j, body)
+            for own_chunk in own.feed(body):  # apply exactly the bytes the others apply
+                _add(g, own_chunk)
+        for stream in streams:  # each payload must end where the plan does
+            for extra in stream:
+                raise ExchangeError(
+                    f"rank {self.rank}: unexpected chunk {extra.index} of tensor {extra.tensor}"
+                )
+        if own is not None:
+            own.finish()
+
+    # --- the start of training --------------------------------------------------------------------
+
+    def send_initial(self, settings: dict[str, Any]) -> None:
+        """Rank 0: its settings and parameters (fp32, lossless) to every peer, chunk by chunk."""
+        peers = range(1, self.world_size)
+        for j in peers:
+            self._send(j, _INIT, 0, 0, [json.dumps(settings).encode()])
+        for piece in iter_encode([p.detach().reshape(-1) for p in self.params], "fp32"):
+            for j in peers:
+                self.comm.send(j, piece)
+        self.comm.flush(self.timeout)
+
+    def receive_initial(self, settings: dict[str, Any]) -> None:
+        """Other ranks: checks rank 0's settings against ``settings``, then takes its parameters
+        into the global copies and the local parameters."""
+        try:
+            self._open(0, (_INIT,), 0, 0)
+            theirs = json.loads(self.comm.recv(0, self.timeout))
+            if not isinstance(theirs, dict):
+                raise CodecError(f"rank 0 sent settings {theirs!r}")
+            diff = {k: (theirs.get(k), v) for k, v in settings.items() if theirs.get(k) != v}
+            if diff:
+                raise ValueError(
+                    f"rank {self.rank}: DiLoCo settings differ from rank 0's: "
+                    + ", ".join(
+                        f"{k}: rank 0 has {a!r}, this rank {b!r}" for k, (a, b) in diff.items()
+                    )
+                )
+            shapes = [(p.numel(),) for p in self.params]
+            decoder = _ShardDecoder(shapes, parse_codec("fp32"), "initial parameters", self.device)
+            for chunk in self._chunks(0, decoder):
+                g = self.globals[chunk.tensor].view(-1)
+                g[chunk.start : chunk.start + chunk.numel].copy_(chunk.values())
+        except (
+            CodecError,
+            TimeoutError,
+            ConnectionError,
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+        ) as exc:
+            raise ExchangeError(
+                f"rank {self.rank}: receiving the initial parameters failed: {exc}"
+            ) from exc
+        for p, g in zip(self.params, self.globals, strict=True):
+            p.detach().copy_(g.view_as(p))
