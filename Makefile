@@ -21,7 +21,7 @@ EXT_STAMP  := $(VENV)/.hypha-ext
 
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean
+.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync
 
 all: build
 
@@ -48,7 +48,7 @@ run: build
 	$(PY) -m hypha.demo
 
 lint: install
-	$(VENV)/bin/ruff check hypha kernels tests bench
+	$(VENV)/bin/ruff check hypha kernels tests bench examples
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -72,3 +72,19 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) *.egg-info
+
+# bench/sync.py compares with torchft's DiLoCo. torchft is a benchmark-only dependency: installed
+# with --no-deps (its wheel requires a bare `torch`, which would pull the CUDA build over the
+# venv's) into the ignored .bench-deps/, with its pure-Python dependencies; bench/sync.py puts
+# that folder at the end of sys.path itself.
+BENCH_DEPS := .bench-deps
+TORCHFT    := torchft==0.2.0
+OTEL       := opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-exporter-otlp-proto-http==1.45.2
+
+$(BENCH_DEPS)/.installed: | $(PY)
+	$(PIP) install -q --upgrade --no-deps --target $(BENCH_DEPS) "$(TORCHFT)"
+	$(PIP) install -q --upgrade --target $(BENCH_DEPS) $(OTEL)
+	touch $@
+
+bench-sync: build $(BENCH_DEPS)/.installed
+	$(PY) bench/sync.py

@@ -50,6 +50,10 @@ _ENVELOPE = struct.Struct("<4sBBHIQ")
 _MAGIC = b"HYDL"
 _VERSION = 1
 _INIT, _SHARD, _SHARD_NONE, _UPDATE, _UPDATE_NONE = range(5)
+#: Pieces of a payload that are ready together go out as messages of about this size: each
+#: message costs a round trip or two in torch.distributed (a length, then the body).
+MESSAGE_BYTES = 4 << 20
+
 _KIND_NAMES = {
     _INIT: "initial parameters",
     _SHARD: "pseudo-gradient shard",
@@ -185,21 +189,30 @@ class Exchange:
     def _send(
         self, peer: int, kind: int, fragment: int, round_: int, pieces: Sequence[bytes] = ()
     ) -> None:
-        self.comm.send(peer, _ENVELOPE.pack(_MAGIC, _VERSION, kind, fragment, self.rank, round_))
+        """The envelope and ``pieces`` as few messages of about ``MESSAGE_BYTES``."""
+        batch = bytearray(_ENVELOPE.pack(_MAGIC, _VERSION, kind, fragment, self.rank, round_))
         for piece in pieces:
-            self.comm.send(peer, piece)
+            if len(batch) + len(piece) > MESSAGE_BYTES:
+                self.comm.send(peer, batch)
+                batch = bytearray()
+            batch += piece
+        self.comm.send(peer, batch)
 
-    def _open(self, peer: int, kinds: tuple[int, ...], fragment: int, round_: int) -> int:
-        """Reads a payload's envelope from ``peer``; returns its kind."""
-        msg = self.comm.recv(peer, self.timeout)
-        if len(msg) != _ENVELOPE.size:
+    def _open(
+        self, peer: int, kinds: tuple[int, ...], fragment: int, round_: int
+    ) -> tuple[int, memoryview]:
+        """Reads a payload's first message from ``peer``; returns the envelope's kind and the
+        bytes after the envelope."""
+        msg = memoryview(self.comm.recv(peer, self.timeout))
+        if len(msg) < _ENVELOPE.size:
             raise ExchangeError(
                 f"rank {self.rank}: rank {peer} sent {len(msg)} bytes where an envelope belongs"
             )
-        magic, version, kind, frag, sender, rnd = _ENVELOPE.unpack(msg)
+        magic, version, kind, frag, sender, rnd = _ENVELOPE.unpack(msg[: _ENVELOPE.size])
         if magic != _MAGIC or version != _VERSION:
             raise ExchangeError(
-                f"rank {self.rank}: rank {peer} speaks {magic!r} v{version}, not DiLoCo v{_VERSION}"
+                f"rank {self.rank}: rank {peer} speaks {bytes(magic)!r} v{version}, not DiLoCo "
+                f"v{_VERSION}"
             )
         if sender != peer or kind not in kinds or frag != fragment or rnd != round_:
             expect = " or ".join(_KIND_NAMES[k] for k in kinds)
@@ -209,17 +222,19 @@ class Exchange:
                 f"fragment {frag} (from rank {sender}), expected {expect} for round {round_} "
                 f"fragment {fragment}"
             )
-        return kind
+        rest = msg[_ENVELOPE.size :]
+        if kind in (_SHARD_NONE, _UPDATE_NONE) and len(rest):
+            raise ExchangeError(f"rank {self.rank}: rank {peer} sent data after an empty payload")
+        return kind, rest
 
     def _chunks(
-        self, peer: int, decoder: StreamDecoder, pieces: Sequence[bytes] = ()
+        self, peer: int, decoder: StreamDecoder, pieces: Sequence[bytes | memoryview] = ()
     ) -> Iterator[Chunk]:
-        """The verified chunks of a payload: from ``pieces`` for this rank's own, else received
-        from ``peer`` one message at a time."""
-        if peer == self.rank:
-            for piece in pieces:
-                yield from decoder.feed(piece)
-        else:
+        """The verified chunks of a payload: ``pieces`` (this rank's own payload, or what came
+        with a peer's envelope), then, from a peer, one message at a time until it is complete."""
+        for piece in pieces:
+            yield from decoder.feed(piece)
+        if peer != self.rank:
             while not decoder.done:
                 yield from decoder.feed(self.comm.recv(peer, self.timeout))
         decoder.finish()
@@ -254,26 +269,27 @@ class Exchange:
         # 2. as the owner of my shard: everyone's contributions (rank order), the outer step
         streams = []
         for i in range(self.world_size):
-            if i == self.rank and payloads is None:
-                continue
-            if (
-                i != self.rank
-                and self._open(i, (_SHARD, _SHARD_NONE), fragment, round_) == _SHARD_NONE
-            ):
-                continue
+            if i == self.rank:
+                if payloads is None:
+                    continue
+                first: Sequence[bytes | memoryview] = payloads[i]
+            else:
+                kind, rest = self._open(i, (_SHARD, _SHARD_NONE), fragment, round_)
+                if kind == _SHARD_NONE:
+                    continue
+                first = [rest]
             decoder = _ShardDecoder(mine.shapes, self.codec, f"shard from rank {i}", self.device)
-            streams.append(
-                self._chunks(i, decoder, payloads[i] if i == self.rank and payloads else ())
-            )
+            streams.append(self._chunks(i, decoder, first))
         self._outer_step(mine, fragment, round_, streams, peers)
         # 3. the other owners' updates into my global copy
         for j in peers:
-            if self._open(j, (_UPDATE, _UPDATE_NONE), fragment, round_) == _UPDATE_NONE:
+            kind, rest = self._open(j, (_UPDATE, _UPDATE_NONE), fragment, round_)
+            if kind == _UPDATE_NONE:
                 continue
             decoder = _ShardDecoder(
                 shards[j].shapes, self.codec, f"update from rank {j}", self.device
             )
-            for chunk in self._chunks(j, decoder):
+            for chunk in self._chunks(j, decoder, [rest]):
                 seg = shards[j].segments[chunk.tensor]
                 chunk.accumulate_into(self.globals[seg.param].view(-1)[seg.start : seg.stop])
 
@@ -373,8 +389,8 @@ class Exchange:
         """Other ranks: checks rank 0's settings against ``settings``, then takes its parameters
         into the global copies and the local parameters."""
         try:
-            self._open(0, (_INIT,), 0, 0)
-            theirs = json.loads(self.comm.recv(0, self.timeout))
+            _, rest = self._open(0, (_INIT,), 0, 0)
+            theirs = json.loads(bytes(rest))
             if not isinstance(theirs, dict):
                 raise CodecError(f"rank 0 sent settings {theirs!r}")
             diff = {k: (theirs.get(k), v) for k, v in settings.items() if theirs.get(k) != v}

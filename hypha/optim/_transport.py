@@ -287,7 +287,8 @@ class DistTransport(Transport):
             tensors += (body,)
             works.append(self._dist.isend(body, self._global(peer), group=self._group))
         self._pending.extend((w, tensors) for w in works)
-        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+        if len(self._pending) > 64:  # forget finished sends now and then, not on every send
+            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
         return n + 8
 
     def _wait(self, work: Any, peer: int, timeout: float | None) -> None:

@@ -51,7 +51,10 @@ class DiLoCoStats:
     skipped_rounds: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    #: wall time of the exchanges, and the part of it the training loop waited for
+    #: encoding the pseudo-gradients (on the training thread, at the sync step)
+    encode_seconds: float = 0.0
+    #: wall time of the exchanges (waiting for peers included), and the part of it the training
+    #: loop waited for; the loop's cost of DiLoCo is encode_seconds + blocked_seconds
     exchange_seconds: float = 0.0
     blocked_seconds: float = 0.0
 
@@ -82,8 +85,9 @@ class DiLoCo(torch.optim.Optimizer):
         inner: the optimizer that trains the local parameters; DiLoCo shares its
             ``param_groups`` (so LR schedulers keep working) and adds ``outer_lr`` and
             ``outer_momentum`` to each group.
-        comm: a :class:`~hypha.optim.Transport`; ``None`` means a ``DistTransport`` over the
-            initialised ``torch.distributed`` default group.
+        comm: a :class:`~hypha.optim.Transport` (the caller keeps it and closes it); ``None``
+            means a ``DistTransport`` over the initialised ``torch.distributed`` world, which
+            :meth:`close` closes.
         sync_every: inner steps between two syncs of the same parameters (H in the paper).
         error_feedback: keep what the codec dropped and add it to the next pseudo-gradient
             (Seide et al. 2014; Karimireddy et al. 2019). ``None``: on for lossy codecs.
@@ -366,7 +370,9 @@ class DiLoCo(torch.optim.Optimizer):
         assert self._pending is None, "one exchange in flight at most"
         round_ = self._round
         self._round += 1
+        t0 = time.perf_counter()
         payloads = self._exchange.encode(fragment, round_)
+        self.stats.encode_seconds += time.perf_counter() - t0
         abstained = payloads is None
         self._pending = _Pending(
             fragment,

@@ -27,15 +27,14 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class Corrupting(LocalTransport):
-    """Flips one byte of every chunk this rank sends from outer round ``after`` on."""
-
-    after = 1
+    """Flips a byte near the end of every message this rank sends once armed."""
 
     def _send(self, peer: int, data: Buffer) -> int:
         data = bytes(data)
         self.sent = getattr(self, "sent", 0) + 1
         if len(data) > 40 and getattr(self, "armed", False):
-            data = data[:30] + bytes([data[30] ^ 0x40]) + data[31:]
+            k = len(data) - 5  # inside the body of the message's last chunk
+            data = data[:k] + bytes([data[k] ^ 0x40]) + data[k + 1 :]
         return super()._send(peer, data)
 
 
