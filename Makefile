@@ -2,7 +2,8 @@
 #
 #   make run        the main job (for now: the codec on a real pseudo-gradient)
 #   make test       build everything, then ruff, mypy, ctest (+ CUDA compile check) and pytest
-#   make bench      the kernel and codec benchmarks (bench/README.md)
+#   make bench      the kernel and codec benchmarks (bench/README.md); bench-convergence and
+#                   bench-sync run the DiLoCo ones
 #
 # Variables: PYTHON (interpreter for the venv), VENV, TORCH_SPEC (how torch is installed when the
 # venv has none; the default is the CPU build that installs offline on the project's machines —
@@ -21,7 +22,7 @@ EXT_STAMP  := $(VENV)/.hypha-ext
 
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync
+.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync bench-convergence
 
 all: build
 
@@ -66,6 +67,11 @@ test: lint typecheck ctest pytest
 bench: build
 	$(PY) bench/kernels.py
 	$(PY) bench/blocksize.py
+
+# DiLoCo against DDP on a small GPT, 8 runs (about 17 minutes on 2 cores), with its plot
+bench-convergence: build
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q "matplotlib>=3.5"
+	$(PY) bench/convergence.py
 
 clean:
 	rm -rf build hypha/_C*.so .pytest_cache .mypy_cache .ruff_cache $(EXT_STAMP)

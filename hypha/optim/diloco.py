@@ -242,11 +242,6 @@ class DiLoCo(torch.optim.Optimizer):
                 st["error_feedback"] = torch.zeros_like(st["global"])
         owned = self.layout.owned[self.rank]
         self._outer_momentum = torch.zeros(owned, dtype=torch.float32, device=self.device)
-        self._outer_ef = (
-            torch.zeros(owned, dtype=torch.float32, device=self.device)
-            if error_feedback and self.world_size > 1  # one rank applies its update exactly
-            else None
-        )
         self._step = 0
         self._round = 0
         self._pending: _Pending | None = None
@@ -262,7 +257,6 @@ class DiLoCo(torch.optim.Optimizer):
             if error_feedback
             else None,
             momentum=self._outer_momentum,
-            outer_ef=self._outer_ef,
             hyper=self._hyper,
             chunk_elems=chunk_elems,
             timeout=self.timeout,
@@ -310,8 +304,9 @@ class DiLoCo(torch.optim.Optimizer):
         self.close()
 
     def global_parameters(self) -> list[torch.Tensor]:
-        """The fp32 global copies, aligned with the parameters (evaluate the global model with
-        these). With an exchange in flight, its fragment may be mid-update: call
+        """The fp32 global copies, in the order of the inner optimizer's ``param_groups``
+        (which may differ from ``model.parameters()``; ``opt.state[p]["global"]`` is the copy of
+        ``p``). With an exchange in flight its fragment may be mid-update: call
         :meth:`synchronize` first."""
         return [self.state[p]["global"] for p in self._params]
 
@@ -494,7 +489,7 @@ class DiLoCo(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the same trajectory: the global copies, error feedback,
-        this rank's outer momentum and error-feedback shards, the inner optimizer, the counters.
+        this rank's outer-momentum shard, the inner optimizer, the counters.
         Each rank saves its own (the shards differ). Waits for an exchange in flight."""
         self.synchronize()
         index = {id(p): i for i, p in enumerate(self._params)}
@@ -527,7 +522,6 @@ class DiLoCo(torch.optim.Optimizer):
                     "abstained": pending.abstained,
                 },
                 "outer_momentum": self._outer_momentum.clone(),
-                "outer_error_feedback": None if self._outer_ef is None else self._outer_ef.clone(),
                 "stats": dict(self.stats.__dict__),
             },
         }
@@ -578,15 +572,11 @@ class DiLoCo(torch.optim.Optimizer):
                 if not all_finite(value):
                     raise ValueError(f"parameter {i} {key} holds NaN/Inf in the checkpoint")
             new_states[i] = saved
-        for name, mine_buf in (
-            ("outer_momentum", self._outer_momentum),
-            ("outer_error_feedback", self._outer_ef),
-        ):
-            saved_buf = meta[name]
-            if (saved_buf is None) != (mine_buf is None) or (
-                saved_buf is not None and mine_buf is not None and saved_buf.shape != mine_buf.shape
-            ):
-                raise ValueError(f"the checkpoint's {name} does not match this rank's shard")
+        momentum = meta.get("outer_momentum")
+        if not isinstance(momentum, torch.Tensor) or momentum.shape != self._outer_momentum.shape:
+            raise ValueError("the checkpoint's outer_momentum does not match this rank's shard")
+        if not all_finite(momentum):
+            raise ValueError("the checkpoint's outer_momentum holds NaN/Inf")
         for saved_group in groups:
             self._check_group(saved_group)
         self.inner.load_state_dict(inner)
@@ -599,9 +589,7 @@ class DiLoCo(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             for key, value in new_states[i].items():
                 self.state[p][key].copy_(value)
-        self._outer_momentum.copy_(meta["outer_momentum"])
-        if self._outer_ef is not None:
-            self._outer_ef.copy_(meta["outer_error_feedback"])
+        self._outer_momentum.copy_(momentum)
         self._step, self._round = int(meta["step"]), int(meta["round"])
         pending = meta["pending"]
         self._pending = (
