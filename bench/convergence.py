@@ -60,7 +60,7 @@ threads (and 3.5 s when other processes load the cores: OpenMP's spinning thread
 163 ms with 1. So DiLoCo runs as 4 threads with 1 torch thread each, no limit; the DDP
 equivalent computes the 4 gradients on 2 threads, each on its own replica of the model (78 ms a
 step; 155 ms on one thread). One evaluation on 1024 windows takes 2 s. A run takes 2 to 2.5
-minutes; the whole benchmark took 17.2 minutes (recorded run, other jobs loading the cores).
+minutes; the whole benchmark took 17 to 18 minutes (recorded runs).
 
 matplotlib (optional) draws ``<results-dir>/convergence.png``: eval loss against tokens, and
 against bytes sent per worker (log x). Without it the script says so and writes the table.
