@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PGConfig", "PseudoGrad", "pseudo_gradient", "stdlib_text", "tile"]
+__all__ = ["Block", "PGConfig", "PseudoGrad", "pseudo_gradient", "stdlib_text", "tile"]
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "hypha-bench-cache"
 
@@ -92,7 +92,9 @@ def stdlib_text(max_bytes: int) -> bytes:
 # --- model --------------------------------------------------------------------------------------
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
+    """Pre-LN transformer block (causal attention + GELU MLP); bench/_gpt.py uses it too."""
+
     def __init__(self, d: int, heads: int, ff: int) -> None:
         super().__init__()
         self.heads = heads
@@ -120,7 +122,7 @@ class TinyLM(nn.Module):
         self.tok = nn.Embedding(256, cfg.d_model)
         self.pos = nn.Embedding(cfg.context, cfg.d_model)
         self.blocks = nn.ModuleList(
-            _Block(cfg.d_model, cfg.n_heads, cfg.d_ff) for _ in range(cfg.n_layers)
+            Block(cfg.d_model, cfg.n_heads, cfg.d_ff) for _ in range(cfg.n_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 256, bias=False)
