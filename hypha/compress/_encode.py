@@ -49,7 +49,8 @@ def _info(name: str, t: torch.Tensor) -> TensorInfo:
     return TensorInfo(t.dtype, tuple(t.shape))
 
 
-def _is_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds no NaN/Inf (used by hypha.optim too)."""
     # A sum is a pure streaming read; only when it is not finite (a non-finite element, or an
     # overflow of the sum itself) do we pay for the exact elementwise check.
     if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
@@ -153,7 +154,7 @@ def iter_encode(
                 _check_scales(q, name, start)
                 parts = _q_parts(q)
             else:
-                if not allow_nonfinite and not _is_finite(piece):
+                if not allow_nonfinite and not all_finite(piece):
                     raise _nonfinite(name, flat)
                 parts = _raw_parts(piece, spec.name)
             yield framer.frame(ti, ci, parts)
@@ -231,7 +232,7 @@ def iter_encode_delta(
         named = [("globals_", globals_), ("locals_", locals_)] + ([("error_feedback", efs)] if efs else [])
         for group, ts in named:
             for i, t in enumerate(ts):
-                if not _is_finite(t):
+                if not all_finite(t):
                     raise _nonfinite(f"{group}[{i}]", t)
     writer = DeltaWriter(
         [tuple(g.shape) for g in globals_], spec, chunk_elems=chunk_elems, seed=seed, backend=backend

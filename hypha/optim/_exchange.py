@@ -40,6 +40,7 @@ from hypha.compress import (
     iter_encode_delta,
     parse_codec,
 )
+from hypha.compress._encode import all_finite
 from hypha.optim._layout import Layout, Shard
 from hypha.optim._transport import Transport
 
@@ -68,13 +69,6 @@ class ExchangeError(RuntimeError):
 
     Peers no longer agree on the global model, so the optimizer refuses further steps: reload a
     checkpoint on every rank."""
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    # a sum is one streaming read; only when it is not finite is the exact check worth paying for
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def _add(dst: torch.Tensor, chunk: Chunk) -> None:

@@ -27,15 +27,15 @@ import torch
 
 from hypha import ops
 from hypha.compress import (
+    DEFAULT_CHUNK_ELEMS,
     Codec,
     DeltaWriter,
     NonFiniteError,
     parse_codec,
 )
-from hypha.compress._format import DEFAULT_CHUNK_ELEMS
 from hypha.optim._exchange import Exchange, ExchangeError, all_finite
 from hypha.optim._layout import Layout, Segment
-from hypha.optim._transport import Transport
+from hypha.optim._transport import DistTransport, Transport
 
 __all__ = ["DiLoCo", "DiLoCoStats", "ExchangeError"]
 
@@ -187,8 +187,6 @@ class DiLoCo(torch.optim.Optimizer):
                     "DiLoCo needs comm=: a Transport (LocalTransport, PipeTransport, DistTransport), "
                     "or torch.distributed initialised (torchrun) for the default DistTransport"
                 )
-            from hypha.optim._transport import DistTransport
-
             comm = DistTransport()
         if not isinstance(comm, Transport):
             raise TypeError(f"comm must be a hypha.optim.Transport, got {type(comm).__name__}")
@@ -281,8 +279,9 @@ class DiLoCo(torch.optim.Optimizer):
         return float(group["outer_lr"]), float(group["outer_momentum"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only during construction: the layout every rank agreed on is fixed after it."""
         if hasattr(self, "layout"):
-            raise NotImplementedError(
+            raise RuntimeError(
                 "DiLoCo fixes its parameters at construction (every rank must agree on the layout); "
                 "add the group to the inner optimizer before wrapping it"
             )
