@@ -19,6 +19,7 @@ __all__ = ["COMMANDS", "main"]
 #: command name → (module with a main(argv) function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "certutil": ("hypha.certutil.__main__", "create CAs, node certificates and CRLs"),
+    "gateway": ("hypha.gateway.__main__", "run a gateway: bootstrap address, DHT anchor, relay"),
 }
 
 

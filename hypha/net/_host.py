@@ -36,8 +36,12 @@ class _NoAutoConnect(AutoConnector):
         return None
 
 
-def muxer_class() -> type:
-    """Hypha's yamux when available, else py-libp2p's (the wire protocol is the same)."""
+def muxer_class(name: str = "hypha") -> type:
+    """Our yamux (``"hypha"``) or py-libp2p's (``"libp2p"``); both speak /yamux/1.0.0."""
+    if name == "libp2p":
+        from libp2p.stream_muxer.yamux.yamux import Yamux as Libp2pYamux
+
+        return Libp2pYamux
     try:
         from ._yamux import Yamux
     except ImportError:  # pragma: no cover - only while _yamux is being developed

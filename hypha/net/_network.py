@@ -43,7 +43,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from . import _rpc
-from ._host import build_host
+from ._host import build_host, muxer_class
 from ._relay import Relay, is_circuit
 from ._tensor_stream import PROTOCOL_ID as TENSOR_PROTOCOL_ID
 from ._tensor_stream import IncomingTensorStream, OutgoingTensorStream, TensorStreamError
@@ -105,6 +105,8 @@ class NetworkSettings:
     gossip_heartbeat: float = 1.0
     #: reload the CRL on SIGHUP (only possible from the main thread; roles turn it on)
     reload_on_sighup: bool = False
+    #: "hypha" (ours) or "libp2p" (py-libp2p's yamux: same wire protocol, ~2x slower here)
+    muxer: str = "hypha"
 
     def __post_init__(self) -> None:
         for name in ("listen", "external", "bootstrap"):
@@ -117,6 +119,8 @@ class NetworkSettings:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ValueError(f"network.bootstrap: {addr!r} lacks /p2p/<peer id>")
+        if self.muxer not in ("hypha", "libp2p"):
+            raise ValueError(f"muxer must be 'hypha' or 'libp2p', not {self.muxer!r}")
         if self.dht_mode not in ("server", "client"):
             raise ValueError(f"dht_mode must be 'server' or 'client', not {self.dht_mode!r}")
         if not (self.gossip_heartbeat > 0 and math.isfinite(self.gossip_heartbeat)):
@@ -194,6 +198,7 @@ class Network:
             self.transport,
             listen=[Multiaddr(a) for a in settings.listen],
             external=[Multiaddr(a) for a in settings.external],
+            muxer=muxer_class(settings.muxer),
         )
         self._dht = KadDHT(
             self._host,

@@ -39,7 +39,7 @@ from hypha.certutil import (
 )
 from tests.unit.certutil._tls import context, handshake, pem, save
 
-NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 def test_public_api() -> None:
@@ -195,7 +195,7 @@ def self_signed_node(name: str) -> Identity:
     """A leaf with a node's extensions, signed by its own key (no CA behind it)."""
     key = Ed25519PrivateKey.generate()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -222,7 +222,7 @@ def _bad_other_root(pki: dict[str, Identity]) -> tuple[Identity, dict[str, Any]]
 
 
 def _bad_expired(pki: dict[str, Identity]) -> tuple[Identity, dict[str, Any]]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     node = create_node(
         pki["org"],
         "mallory",
@@ -234,7 +234,7 @@ def _bad_expired(pki: dict[str, Identity]) -> tuple[Identity, dict[str, Any]]:
 
 def _bad_revoked(pki: dict[str, Identity]) -> tuple[Identity, dict[str, Any]]:
     node = create_node(pki["org"], "mallory")
-    crl = create_crl(pki["org"], [(node.cert.serial_number, dt.datetime.now(dt.timezone.utc))])
+    crl = create_crl(pki["org"], [(node.cert.serial_number, dt.datetime.now(dt.UTC))])
     return node, {"crls": (crl,), "crl_check": True}
 
 
@@ -245,7 +245,7 @@ def _bad_no_crl(pki: dict[str, Identity]) -> tuple[Identity, dict[str, Any]]:
 
 def _bad_crl_expired(pki: dict[str, Identity]) -> tuple[Identity, dict[str, Any]]:
     stale = create_crl(
-        pki["org"], days=1, now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+        pki["org"], days=1, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     )
     return create_node(pki["org"], "mallory"), {"crls": (stale,), "crl_check": True}
 

@@ -65,7 +65,7 @@ class PKI:
         return identity, self.files(identity, name)
 
     def expired_node(self, name: str) -> tuple[Identity, TLSFiles]:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         return self.node(name, not_before=now - dt.timedelta(days=10),
                          not_after=now - dt.timedelta(days=1))
 
