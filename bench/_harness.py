@@ -252,7 +252,7 @@ def metadata(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Date, commit and machine of a run; every recorded row carries these fields."""
     dev = torch.device(device)
     meta: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit(),
         "cpu": cpu_model(),
         "cores": cpu_cores(),

@@ -637,15 +637,15 @@ def _days(days: int) -> dt.timedelta:
 
 def _now(now: dt.datetime | None) -> dt.datetime:
     if now is None:
-        return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        return dt.datetime.now(dt.UTC).replace(microsecond=0)
     return _aware(now, "now")
 
 
 def _aware(when: dt.datetime, what: str) -> dt.datetime:
     if not isinstance(when, dt.datetime) or when.tzinfo is None:
         raise PKIError(f"{what} must be a timezone-aware datetime, got {when!r}")
-    return when.astimezone(dt.timezone.utc)
+    return when.astimezone(dt.UTC)
 
 
 def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -30,7 +30,7 @@ import ssl
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
@@ -429,7 +429,7 @@ class MTLSTransport(ISecureTransport):
                 f"chain to a CA in {self.files.trust} (top issuer: "
                 f"{top.issuer.rfc4514_string()}){hint}"
             )
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if not self.certificate.not_valid_before_utc <= now <= self.certificate.not_valid_after_utc:
             raise ValueError(
                 f"tls: {self.files.cert} is valid only from "
