@@ -394,12 +394,14 @@ class MTLSTransport(ISecureTransport):
             ctx.verify_mode = ssl.CERT_REQUIRED
             try:
                 ctx.load_cert_chain(self.files.cert, self.files.key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"tls.cert/tls.key: cannot load {self.files.cert} with "
+                                 f"{self.files.key}: {exc}") from exc
+            try:
                 ctx.load_verify_locations(cafile=self.files.trust)
             except (ssl.SSLError, OSError) as exc:
-                raise ValueError(
-                    f"tls: cannot load {self.files.cert}, {self.files.key} or "
-                    f"{self.files.trust}: {exc}"
-                ) from exc
+                raise ValueError(f"tls.trust: cannot load CA certificates from "
+                                 f"{self.files.trust}: {exc}") from exc
             if crls:
                 # NOTE: cadata= accepts only certificates; a PEM file may hold CRLs too.
                 for path in self.files.crl:
