@@ -229,3 +229,10 @@ async def test_corrupt_and_unwanted_tensor_streams_are_refused(pki: PKI) -> None
             async with await a.open_tensor_stream(b.peer_id, "good") as out:
                 await out.send(b"fine")
         assert got == [b"fine"]
+
+
+async def test_external_addresses_replace_the_listen_ones_in_what_a_node_advertises(
+        pki: PKI) -> None:
+    async with AsyncExitStack() as stack:
+        node = await _start(stack, pki, "nat", external=("/ip4/203.0.113.7/tcp/4001",))
+        assert [str(a) for a in node.addrs] == [f"/ip4/203.0.113.7/tcp/4001/p2p/{node.peer_id}"]
