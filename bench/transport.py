@@ -5,7 +5,9 @@ invocation, for each of:
 
 * ``tcp``: plain trio TCP (``SocketStream.send_all`` / ``receive_some``), the ceiling;
 * ``tls``: trio TCP + TLS 1.3 (``trio.SSLStream``, both sides presenting the same Ed25519 node
-  certificates Hypha uses), the ceiling for an encrypted stream;
+  certificates Hypha uses, 64 KiB reads: its fastest size here), the plain encrypted ceiling;
+* ``tls (hypha channel)``: the same over Hypha's own TLS channel (``hypha.net._tls._Channel``:
+  ``ssl.SSLObject`` on memory BIOs straight on the socket), i.e. our stack minus the muxer;
 * ``hypha x1``: our tensor stream (``Network.open_tensor_stream``) over our mTLS + our yamux,
   one stream; ``hypha x4``: four concurrent streams of size/4 each;
 * ``hypha x1 (libp2p yamux)``: the same with py-libp2p 0.8.1's own yamux, to show what ours buys;
@@ -41,7 +43,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CHUNK = 4 << 20
-CASES = ("tcp", "tls", "hypha x1", "hypha x4", "hypha x1 (libp2p yamux)", "relay")
+CASES = ("tcp", "tls", "tls (hypha channel)", "hypha x1", "hypha x4", "hypha x1 (libp2p yamux)",
+         "relay")
+SOCKET_CASES = ("tcp", "tls", "tls (hypha channel)")
 
 
 def _cpu() -> float:
@@ -99,21 +103,48 @@ def _ssl_context(pki: dict[str, Any], name: str, *, server: bool):  # type: igno
 # --- plain TCP and TLS ------------------------------------------------------------------------
 
 
+class _ChannelStream:
+    """Hypha's TLS channel with the few stream methods the socket cases use."""
+
+    def __init__(self, stream: Any, ctx: Any, *, server_side: bool) -> None:
+        from hypha.net._tls import _Channel
+
+        self._channel = _Channel.wrap(stream, ctx, server_side=server_side)
+
+    async def do_handshake(self) -> None:
+        await self._channel.handshake()
+
+    async def send_all(self, data: Any) -> None:
+        await self._channel.write(data)
+
+    async def receive_some(self, n: int) -> bytes:
+        return await self._channel.read(n)
+
+    async def aclose(self) -> None:
+        await self._channel.aclose()
+
+
 def _socket_receiver(case: str, pki: dict[str, Any], size: int, conn: Any) -> None:
     import trio
+
+    if case == "tls (hypha channel)":
+        import hypha.net._tls  # noqa: F401  (imports libp2p: ~1 s, not part of the set-up time)
 
     async def main() -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         conn.send(listeners[0].socket.getsockname()[1])
         stream: Any = await listeners[0].accept()
+        ctx = _ssl_context(pki, "receiver", server=True)
         if case == "tls":
-            stream = trio.SSLStream(stream, _ssl_context(pki, "receiver", server=True),
-                                    server_side=True)
+            stream = trio.SSLStream(stream, ctx, server_side=True)
+            await stream.do_handshake()
+        elif case == "tls (hypha channel)":
+            stream = _ChannelStream(stream, ctx, server_side=True)
             await stream.do_handshake()
         cpu0 = _cpu()
         got = 0
         while got < size:
-            data = await stream.receive_some(1 << 20)
+            data = await stream.receive_some(64 << 10)
             if not data:
                 raise RuntimeError(f"stream ended after {got} of {size} bytes")
             got += len(data)
@@ -128,13 +159,18 @@ def _socket_sender(case: str, pki: dict[str, Any], size: int, port: int, conn: A
     import trio
 
     payload = os.urandom(size)
+    if case == "tls (hypha channel)":
+        import hypha.net._tls  # noqa: F401  (imports libp2p: ~1 s, not part of the set-up time)
 
     async def main() -> None:
         t0 = time.perf_counter()
         stream: Any = await trio.open_tcp_stream("127.0.0.1", port)
+        ctx = _ssl_context(pki, "sender", server=False)
         if case == "tls":
-            stream = trio.SSLStream(stream, _ssl_context(pki, "sender", server=False),
-                                    server_hostname=None)
+            stream = trio.SSLStream(stream, ctx, server_hostname=None)
+            await stream.do_handshake()
+        elif case == "tls (hypha channel)":
+            stream = _ChannelStream(stream, ctx, server_side=False)
             await stream.do_handshake()
         setup = time.perf_counter() - t0
         cpu0, t1 = _cpu(), time.perf_counter()
@@ -266,7 +302,7 @@ def run_case(case: str, pki: dict[str, Any], size: int) -> dict[str, Any]:
             gateway_addr = gw_conn.recv()
         r_conn, r_child = ctx.Pipe()
         s_conn, s_child = ctx.Pipe()
-        if case in ("tcp", "tls"):
+        if case in SOCKET_CASES:
             r = ctx.Process(target=_socket_receiver, args=(case, pki, size, r_child), daemon=True)
         else:
             r = ctx.Process(target=_hypha_receiver, args=(case, pki, size, r_child, gateway_addr),
@@ -276,7 +312,7 @@ def run_case(case: str, pki: dict[str, Any], size: int) -> dict[str, Any]:
         if not r_conn.poll(120):
             raise RuntimeError(f"{case}: the receiver did not start")
         where = r_conn.recv()
-        if case in ("tcp", "tls"):
+        if case in SOCKET_CASES:
             s = ctx.Process(target=_socket_sender, args=(case, pki, size, where, s_child),
                             daemon=True)
         else:
@@ -290,7 +326,7 @@ def run_case(case: str, pki: dict[str, Any], size: int) -> dict[str, Any]:
         if not r_conn.poll(60):
             raise RuntimeError(f"{case}: the receiver did not report")
         received = r_conn.recv()
-        if case not in ("tcp", "tls"):
+        if case not in SOCKET_CASES:
             r_conn.send("stop")
         row = {
             "case": case,

@@ -27,6 +27,7 @@ from multiaddr import Multiaddr
 
 from ._tls import PROTOCOL_ID as MTLS_PROTOCOL_ID
 from ._tls import MTLSTransport
+from ._yamux import install as install_muxer
 
 __all__ = ["build_host", "muxer_class"]
 
@@ -42,12 +43,8 @@ def muxer_class(name: str = "hypha") -> type:
         from libp2p.stream_muxer.yamux.yamux import Yamux as Libp2pYamux
 
         return Libp2pYamux
-    try:
-        from ._yamux import Yamux
-    except ImportError:  # pragma: no cover - only while _yamux is being developed
-        from libp2p.stream_muxer.yamux.yamux import Yamux as Libp2pYamux
+    from ._yamux import Yamux
 
-        return Libp2pYamux
     return Yamux
 
 
@@ -65,5 +62,8 @@ def build_host(transport: MTLSTransport, *, listen: Sequence[Multiaddr],
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
     assert isinstance(swarm, Swarm)
+    # NOTE: py-libp2p 0.8.1 builds its own Yamux for /yamux/1.0.0 whatever muxer_opt says;
+    # install() makes the upgrader use the class we registered (see _yamux.install).
+    install_muxer(swarm.upgrader)
     swarm.auto_connector = _NoAutoConnect(swarm=swarm, auto_connect_interval=3600.0)
     return BasicHost(network=swarm, announce_addrs=list(external) or None)

@@ -3,45 +3,55 @@
 Wire format: hashicorp's spec (https://github.com/hashicorp/yamux/blob/master/spec.md), a 12-byte
 header ``version=0 | type | flags | stream id | length``; types Data, WindowUpdate, Ping, GoAway;
 flags SYN/ACK/FIN/RST; 256 KiB initial window per stream and direction; odd stream ids for the
-side that initiated the connection, even ids for the other side. Interoperates with py-libp2p's
-own ``libp2p.stream_muxer.yamux.Yamux`` (tested both ways), and keeps to the 1 MiB frame body
-limit of rust-yamux.
+side that initiated the connection, even ids for the other. Interoperates with py-libp2p's own
+``libp2p.stream_muxer.yamux.Yamux`` both ways (tests/unit/net/test_yamux.py) and stays under
+rust-yamux's 1 MiB frame body limit.
 
-``Yamux(secured_conn, peer_id)`` is a drop-in ``IMuxedConn`` for the swarm; see
-:func:`install` for the one py-libp2p 0.8.1 quirk that otherwise bypasses it.
+``Yamux(secured_conn, peer_id)`` is a drop-in ``IMuxedConn`` for the swarm, but py-libp2p 0.8.1
+ignores the ``muxer_opt`` class for ``/yamux/1.0.0``: call :func:`install` on the upgrader.
 
-Design (numbers: 256 MiB over loopback TLS 1.3, two processes, 2-core box; see
-``NOTE: measured`` comments and the benchmark table in the PR; py-libp2p's Yamux does ~200 MB/s
-on the same harness):
+Measured (256 MiB one way between two processes on loopback, mutual TLS 1.3 AES-GCM, 2-core
+box, median of 5, MB/s):
 
-* One reader task per connection pulls big blocks from the secure channel (``read(1 MiB)``) and
-  parses frames out of them synchronously -- no ``await`` between frames, no per-frame lock, no
-  ``read_exactly`` per header. Frame bodies are handed to the stream as zero-copy ``memoryview``
-  slices of the block and queued in a ``deque``; ``read(n)`` joins them once. The reader wakes a
-  waiting consumer only at the end of a frame or once ``WAKE_BYTES`` have piled up, not per TLS
-  record.
-* The reader never awaits a write. Everything it must send (ACK, pong, RST, GoAway) and the
-  window updates that ``read()`` produces go to a control queue that a small flusher task writes,
-  and that every data write drains first (so ordering is kept). This rules out the classic
-  muxer deadlock where both readers block on writes while both writers wait for window.
-* Large windows: a stream advertises the spec's 256 KiB until its owner first calls ``read()``,
-  then grows to ``MAX_WINDOW`` (16 MiB) with one WindowUpdate; afterwards credit is returned in
-  batches once half the window is consumed. Unread streams therefore pin at most 256 KiB each
-  (max_streams x 256 KiB per connection), active ones at most 16 MiB.
-* Large frames: a write is cut into frames of up to ``MAX_FRAME`` (1 MiB, rust-yamux's limit)
-  or the peer's window. The header is sent together with the first bytes of the body (one TLS
-  record) and the rest of the body is passed as a ``memoryview`` of the caller's buffer, so the
-  payload is never copied by the muxer.
-* Writes are serialised by one ``trio.Lock`` taken once per frame (fast path without a
-  scheduling point when free) and are shielded from cancellation, so a cancelled writer can
-  never leave half a frame on the wire and corrupt the connection.
+    secure channel              raw channel  py-libp2p Yamux  ours, 1 stream  ours, 4 streams
+    trio.SSLStream                     1040              422            1101             1099
+    hypha.net._tls._Channel            1807              619            1772             1798
 
-Safety: a peer that exceeds a stream's receive window, sends a bad version, unknown type, a
-length above ``MAX_WINDOW``, a SYN with a bad or duplicate id, or overflows a send window gets a
-GoAway(protocol error) and the connection is closed with an ``ERROR`` log line; the muxer's
-``start()`` returns normally, so no exception reaches the swarm's nursery. More than
-``max_streams`` concurrent streams are refused with RST. A slow reader stalls the writer through
-the window; buffered bytes per stream never exceed its advertised window.
+(raw channel = the receiver reads 64 KiB at a time; with 1 MiB reads raw trio.SSLStream does ~740
+for the reason under ``READ_SIZE``.) The muxer costs nothing measurable over the bare channel:
+the receiving process is CPU-bound in trio's scheduler and TLS, not in framing. What each choice bought (1 stream, hypha's channel
+unless noted; the alternative first):
+
+* Big receive window: 256 KiB (spec, never grown) 601 MB/s, 1 MiB 1350, 16 MiB 1876
+  (trio.SSLStream: 534 -> 1088). A stream keeps the spec's 256 KiB until its owner first calls
+  ``read()``, then grows to ``MAX_WINDOW`` with one WindowUpdate, so a stream nobody reads pins
+  at most 256 KiB (max_streams x 256 KiB per connection) and a read one at most 16 MiB.
+* Window updates batched until half the window is free: an update per ``read()`` 1372 MB/s,
+  batched 1876 (trio.SSLStream: 954 -> 1088).
+* Big frames: 64 KiB (py-libp2p's size) 1080 MB/s, 256 KiB 1897, 1 MiB 1806 (``MAX_FRAME``).
+* Moderate reads from the channel: ``ssl.SSLObject.read(n)`` allocates ``n`` bytes for each
+  <= 16 KiB record, so ``read(1 MiB)`` cost ~40% (823 vs 1374-1632 MB/s; ``READ_SIZE``).
+* One reader task per connection parses every frame out of each block synchronously (no
+  ``await``, lock or ``read_exactly`` per frame; bodies go to the stream as zero-copy
+  ``memoryview`` slices in a ``deque`` that ``read()`` joins once). It wakes a waiting reader at
+  the end of a frame or once ``WAKE_BYTES`` are buffered, not per TLS record: waking per record
+  cost ~10-15% (1204 vs 1346; trio.SSLStream 636 vs 746). Under cProfile, parsing (``_feed``)
+  took 0.02 s of the receiver's ~0.34 s CPU for 256 MiB.
+* Header + first 16 KiB of the body in one write, the rest straight from the caller's buffer
+  (no payload copy, no 12-byte TLS record): 1806 MB/s vs 1676 copying header+body into one
+  buffer and 1660 for two writes (1 MiB frames), i.e. within noise but never worse.
+* The reader never awaits a write: ACK, pong, RST, GoAway and the window updates ``read()``
+  produces go to a control queue that a flusher task writes and every data write drains first
+  (order is kept). This rules out the deadlock where both readers block on writes while both
+  writers wait for window. Writes take one ``trio.Lock`` per frame (no scheduling point when it
+  is free) and are shielded, so a cancelled writer never leaves half a frame on the wire.
+
+Safety: a peer that exceeds a stream's receive window, sends a bad version, an unknown type, a
+length above ``MAX_WINDOW``, a SYN with id 0, our parity or an id in use, or overflows a send
+window gets GoAway(protocol error) and the connection is closed with an ``ERROR`` log line;
+``start()`` returns normally, so nothing reaches the swarm's nursery. SYNs beyond
+``max_streams`` open streams are refused with RST. A slow reader stalls the writer through the
+window; a stream never buffers more than it advertised.
 """
 
 from __future__ import annotations
@@ -100,14 +110,26 @@ INITIAL_WINDOW = 256 * 1024
 """Per-stream window every yamux stream starts with (spec)."""
 MAX_WINDOW = 16 * 1024 * 1024
 """Receive window a stream grows to once its owner reads (go-yamux's maximum too)."""
-MAX_FRAME = 1024 * 1024
-"""Largest data frame body we send; rust-yamux refuses bodies above 1 MiB."""
+MAX_FRAME = 256 * 1024
+"""Largest data frame body we send (rust-yamux refuses bodies above 1 MiB).
+
+NOTE: measured 256 MiB, 1 stream, TLS 1.3: 64 KiB frames (py-libp2p's size) 1080 MB/s, 256 KiB
+1897, 1 MiB 1806, 4 MiB 1676 over hypha's mTLS channel; over trio.SSLStream 256 KiB beat 1 MiB
+(1071 vs 935 MB/s). 256 KiB also interleaves streams finely and keeps py-libp2p's Yamux, which
+gives up on a frame after 100 partial reads, safe."""
 MAX_STREAMS = 1024
 """Concurrent streams per connection; a SYN beyond this is answered with RST."""
-READ_SIZE = 1024 * 1024
-"""Bytes asked of the secure channel per read; it may return less."""
+READ_SIZE = 64 * 1024
+"""Bytes asked of the secure channel per read; it may return less.
+
+NOTE: measured: ssl.SSLObject.read(n) allocates n bytes for every <= 16 KiB TLS record, so asking
+for 1 MiB (an mmap per record) cost ~40%: 823 vs 1374-1632 MB/s for 16-64 KiB over hypha's
+mTLS channel, 746 vs 936-999 MB/s over trio.SSLStream. 16, 32 and 64 KiB are within noise."""
 WAKE_BYTES = 256 * 1024
-"""Buffered bytes at which a waiting reader is woken before the current frame ends."""
+"""Buffered bytes at which a waiting reader is woken before the current frame ends.
+
+NOTE: measured over trio.SSLStream: waking per TLS record 636 MB/s, 256 KiB 746, 1 MiB 850 (but
+1137 vs 1346 for 1 MiB vs 256 KiB over hypha's channel); 256 KiB is the robust choice."""
 _SPLIT_HEAD = 16 * 1024 - _HEADER_SIZE
 """Body bytes sent in the same write as the header (header + head fill one TLS record)."""
 _CLOSE_TIMEOUT = 2.0
@@ -207,10 +229,16 @@ class YamuxStream(IMuxedStream):
             # First read: the owner is consuming, open the full window (see module doc).
             self._recv_target = self._conn._max_window
             self._maybe_update_window()
-        waited = False
-        while not self._buffered:
+        yielded = False  # every read is a checkpoint, like trio's own streams
+        while True:
             if self._reset:
                 raise MuxedStreamReset(f"stream {self.stream_id} was reset")
+            if self._buffered:
+                if yielded:
+                    break
+                await trio.lowlevel.checkpoint()
+                yielded = True
+                continue
             if self._remote_closed:
                 raise MuxedStreamEOF(f"stream {self.stream_id} closed by peer")
             if self._conn._dead:
@@ -220,13 +248,7 @@ class YamuxStream(IMuxedStream):
             if self._recv_waiter is None:
                 self._recv_waiter = trio.Event()
             await self._wait(self._recv_waiter)
-            waited = True
-        if self._reset:
-            raise MuxedStreamReset(f"stream {self.stream_id} was reset")
-        if not waited:
-            await trio.lowlevel.checkpoint()
-            if not self._buffered:  # reset while we yielded
-                raise MuxedStreamReset(f"stream {self.stream_id} was reset")
+            yielded = True
         data = self._take(n)
         self._maybe_update_window()
         return data
@@ -286,6 +308,11 @@ class YamuxStream(IMuxedStream):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()
         view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError(
+                f"stream {self.stream_id}: write() needs a C-contiguous buffer, got a strided "
+                f"{view.ndim}-d view; pass bytes(...) or a contiguous array"
+            )
         if view.ndim != 1 or view.format not in ("B", "b", "c"):
             view = view.cast("B")
         total = view.nbytes
@@ -591,9 +618,11 @@ class Yamux(IMuxedConn):
             self._write_lock.release()
 
     async def _write(self, data: bytes | memoryview) -> None:
-        """Write under the lock, shielded: a frame is never left half-written."""
-        if self._dead:
-            raise MuxedConnUnavailable(f"yamux connection closed ({self._dead_reason})")
+        """Write under the lock, shielded: a frame is never left half-written.
+
+        Callers check ``_dead`` before a frame's first write, never between its two halves, so
+        close() racing a writer still finds whole frames on the wire before its GoAway.
+        """
         try:
             with trio.CancelScope(shield=True):
                 await self._chan.write(data)

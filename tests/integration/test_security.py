@@ -65,6 +65,13 @@ async def test_good_certificates_connect_and_talk(pki: PKI) -> None:
             assert await a.dial(b.addrs[0]) == b.peer_id
             assert await a.request(b.peer_id, ECHO, b"ping") == b"ping"
         assert a.peer_id == a.transport.peer_id  # the host's identity is the certificate's key
+        # our muxer, over our TLS session (py-libp2p would silently use its own without install)
+        from hypha.net._tls import TLSSession
+        from hypha.net._yamux import Yamux
+
+        conn = a._host.get_network().get_connections(b.peer_id)[0]
+        assert isinstance(conn.muxed_conn, Yamux)
+        assert isinstance(conn.muxed_conn.secured_conn, TLSSession)
         session = a.transport.sessions()[0]
         assert session.remote_certificate.subject.get_attributes_for_oid(
             NameOID.COMMON_NAME)[0].value == "b"
