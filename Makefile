@@ -3,7 +3,7 @@
 #   make run        the main job (for now: the codec on a real pseudo-gradient)
 #   make test       build everything, then ruff, mypy, ctest (+ CUDA compile check) and pytest
 #   make bench      the kernel and codec benchmarks (bench/README.md); bench-convergence and
-#                   bench-sync run the DiLoCo ones
+#                   bench-sync run the DiLoCo ones, bench-transport the network's throughput
 #
 # Variables: PYTHON (interpreter for the venv), VENV, TORCH_SPEC (how torch is installed when the
 # venv has none; the default is the CPU build that installs offline on the project's machines —
@@ -22,7 +22,7 @@ EXT_STAMP  := $(VENV)/.hypha-ext
 
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync bench-convergence
+.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync bench-convergence bench-transport
 
 all: build
 
@@ -72,6 +72,10 @@ bench: build
 bench-convergence: build
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q "matplotlib>=3.5"
 	$(PY) bench/convergence.py
+
+# 256 MiB between two processes: TCP, TLS, our tensor stream (1 and 4 streams), via the relay
+bench-transport: install
+	$(PY) bench/transport.py
 
 clean:
 	rm -rf build hypha/_C*.so .pytest_cache .mypy_cache .ruff_cache $(EXT_STAMP)

@@ -11,6 +11,8 @@ invocation, for each of:
 * ``hypha x1``: our tensor stream (``Network.open_tensor_stream``) over our mTLS + our yamux,
   one stream; ``hypha x4``: four concurrent streams of size/4 each;
 * ``hypha x1 (libp2p yamux)``: the same with py-libp2p 0.8.1's own yamux, to show what ours buys;
+* ``py-libp2p noise``: the peer: py-libp2p 0.8.1's own stack as its docs build it (Noise, its
+  yamux, ``new_host``), one raw stream, no checksum (benchmark only: Hypha never offers Noise);
 * ``relay``: the tensor stream from a sender to a receiver that has no listening address,
   through a gateway process running circuit relay v2 (end-to-end mTLS inside the circuit).
 
@@ -44,7 +46,7 @@ if __package__ in (None, ""):
 
 CHUNK = 4 << 20
 CASES = ("tcp", "tls", "tls (hypha channel)", "hypha x1", "hypha x4", "hypha x1 (libp2p yamux)",
-         "relay")
+         "py-libp2p noise", "relay")
 SOCKET_CASES = ("tcp", "tls", "tls (hypha channel)")
 
 
@@ -285,6 +287,84 @@ def _hypha_sender(case: str, pki: dict[str, Any], size: int, addr: str, conn: An
     trio.run(main)
 
 
+# --- py-libp2p's own stack (the peer) ----------------------------------------------------------
+
+
+def _noise_host():  # type: ignore[no-untyped-def]
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.security.noise.transport import PROTOCOL_ID, Transport
+    from multiaddr import Multiaddr
+
+    pair = create_new_key_pair()
+    return new_host(key_pair=pair, sec_opt={
+        PROTOCOL_ID: Transport(pair, noise_privkey=x25519_pair().private_key)},
+        muxer_preference="YAMUX", listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")],
+        connection_config=ConnectionConfig(max_connections_per_peer=1))
+
+
+_BENCH_PROTOCOL = "/bench/bytes/1"
+
+
+def _noise_receiver(size: int, conn: Any) -> None:
+    import trio
+    from libp2p.custom_types import TProtocol
+    from multiaddr import Multiaddr
+
+    async def main() -> None:
+        host = _noise_host()
+        done = trio.Event()
+        cpu = [0.0]
+
+        async def handler(stream: Any) -> None:
+            cpu[0] = _cpu()
+            got = 0
+            while got < size:
+                got += len(await stream.read(1 << 20))
+            await stream.write(b"k")
+            cpu[0] = _cpu() - cpu[0]
+            done.set()
+
+        host.set_stream_handler(TProtocol(_BENCH_PROTOCOL), handler)
+        async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            conn.send(str(host.get_addrs()[0]))
+            await done.wait()
+            conn.send({"cpu": cpu[0]})
+            await trio.to_thread.run_sync(conn.recv)
+
+    trio.run(main)
+
+
+def _noise_sender(size: int, addr: str, conn: Any) -> None:
+    import trio
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    payload = os.urandom(size)
+
+    async def main() -> None:
+        host = _noise_host()
+        async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            info = info_from_p2p_addr(Multiaddr(addr))
+            t0 = time.perf_counter()
+            await host.connect(info)
+            setup = time.perf_counter() - t0
+            cpu0, t1 = _cpu(), time.perf_counter()
+            stream = await host.new_stream(info.peer_id, [TProtocol(_BENCH_PROTOCOL)])
+            view = memoryview(payload)
+            for start in range(0, size, CHUNK):
+                await stream.write(bytes(view[start:start + CHUNK]))
+            if await stream.read(1) != b"k":
+                raise RuntimeError("no acknowledgement")
+            conn.send({"seconds": time.perf_counter() - t1, "setup": setup,
+                       "cpu": _cpu() - cpu0})
+
+    trio.run(main)
+
+
 # --- driver -----------------------------------------------------------------------------------
 
 
@@ -304,6 +384,8 @@ def run_case(case: str, pki: dict[str, Any], size: int) -> dict[str, Any]:
         s_conn, s_child = ctx.Pipe()
         if case in SOCKET_CASES:
             r = ctx.Process(target=_socket_receiver, args=(case, pki, size, r_child), daemon=True)
+        elif case == "py-libp2p noise":
+            r = ctx.Process(target=_noise_receiver, args=(size, r_child), daemon=True)
         else:
             r = ctx.Process(target=_hypha_receiver, args=(case, pki, size, r_child, gateway_addr),
                             daemon=True)
@@ -315,6 +397,8 @@ def run_case(case: str, pki: dict[str, Any], size: int) -> dict[str, Any]:
         if case in SOCKET_CASES:
             s = ctx.Process(target=_socket_sender, args=(case, pki, size, where, s_child),
                             daemon=True)
+        elif case == "py-libp2p noise":
+            s = ctx.Process(target=_noise_sender, args=(size, where, s_child), daemon=True)
         else:
             s = ctx.Process(target=_hypha_sender, args=(case, pki, size, where, s_child),
                             daemon=True)
