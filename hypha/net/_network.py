@@ -48,6 +48,7 @@ from ._relay import Relay, is_circuit
 from ._tensor_stream import PROTOCOL_ID as TENSOR_PROTOCOL_ID
 from ._tensor_stream import IncomingTensorStream, OutgoingTensorStream, TensorStreamError
 from ._tls import MTLSTransport, PeerRefused, TLSFiles
+from ._wire import reset_quietly
 
 __all__ = [
     "DialError",
@@ -509,11 +510,7 @@ def _guarded(handler: Callable[[INetStream], Awaitable[None]]
             await handler(stream)
         except Exception:
             logger.exception("stream handler for %s failed; stream reset", stream.get_protocol())
-            with trio.CancelScope(shield=True):
-                try:
-                    await stream.reset()
-                except Exception:  # the stream may be gone already
-                    pass
+            await reset_quietly(stream)
 
     return guarded
 

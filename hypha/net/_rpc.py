@@ -26,7 +26,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from ._wire import FrameReader, StreamClosedError, u32, write_all
+from ._wire import FrameReader, StreamClosedError, close_quietly, reset_quietly, u32, write_all
 
 __all__ = [
     "Handler",
@@ -119,10 +119,10 @@ async def call(stream: INetStream, protocol: Protocol, payload: bytes) -> bytes:
     except StreamClosedError as exc:
         raise RPCError(f"{protocol.id}: {exc}") from exc
     except BaseException:
-        await _reset(stream)
+        await reset_quietly(stream)
         raise
     finally:
-        await _close(stream)
+        await close_quietly(stream)
 
 
 async def serve(stream: INetStream, protocol: Protocol, handler: Handler, peer: ID) -> None:
@@ -141,12 +141,12 @@ async def serve(stream: INetStream, protocol: Protocol, handler: Handler, peer: 
     except trio.TooSlowError:
         logger.warning("%s from %s: request not delivered within %g s; stream reset",
                        protocol.id, peer, REQUEST_READ_TIMEOUT)
-        await _reset(stream)
+        await reset_quietly(stream)
         return
     except StreamClosedError as exc:
         logger.warning("%s from %s: malformed request (%s); stream dropped", protocol.id, peer,
                        exc)
-        await _reset(stream)
+        await reset_quietly(stream)
         return
     try:
         response = await handler(peer, request)
@@ -176,22 +176,7 @@ async def _answer(stream: INetStream, status: int, body: bytes) -> None:
         await write_all(stream, _HEAD.pack(status, len(body)) + body)
     except StreamClosedError as exc:
         logger.debug("could not answer on %s: %s", stream.get_protocol(), exc)
-        await _reset(stream)
+        await reset_quietly(stream)
         return
-    await _close(stream)
+    await close_quietly(stream)
 
-
-async def _close(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True):
-        try:
-            await stream.close()
-        except Exception:  # closing a broken stream is best effort
-            pass
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True):
-        try:
-            await stream.reset()
-        except Exception:  # resetting a broken stream is best effort
-            pass

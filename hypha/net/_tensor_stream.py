@@ -29,7 +29,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from ._wire import FrameReader, StreamClosedError, u32, write_all
+from ._wire import FrameReader, StreamClosedError, close_quietly, reset_quietly, u32, write_all
 
 __all__ = [
     "PROTOCOL_ID",
@@ -98,18 +98,18 @@ class OutgoingTensorStream:
             status, length = _STATUS.unpack(await reader.read_exactly(_STATUS.size, what="ack"))
             reason = (await reader.read_exactly(length, what="ack")).decode(errors="replace")
         except StreamClosedError as exc:
-            await _reset(self._stream)
+            await reset_quietly(self._stream)
             raise TensorStreamError(f"tensor stream {self.name!r} to {self.peer}: the receiver "
                                     f"did not confirm ({exc})") from exc
         finally:
-            await _close(self._stream)
+            await close_quietly(self._stream)
         if status != _OK:
             raise TensorStreamError(f"tensor stream {self.name!r} to {self.peer} was refused: "
                                     f"{reason}")
 
     async def abort(self) -> None:
         self._done = True
-        await _reset(self._stream)
+        await reset_quietly(self._stream)
 
     async def _write(self, data: bytes | memoryview) -> None:
         try:
@@ -192,13 +192,13 @@ class IncomingTensorStream:
             chunk = await self._reader.read_exactly(length, what="chunk")
         except StreamClosedError as exc:
             self._finished = True
-            await _reset(self._stream)
+            await reset_quietly(self._stream)
             raise TensorStreamError(f"tensor stream {self.name!r} from {self.peer} broke after "
                                     f"{self.bytes_received} bytes: {exc}") from exc
         except BaseException:
             if not self._finished:
                 self._finished = True
-                await _reset(self._stream)
+                await reset_quietly(self._stream)
             raise
         self._crc = zlib.crc32(chunk, self._crc)
         self.bytes_received += length
@@ -212,7 +212,7 @@ class IncomingTensorStream:
         """Reset the stream unless it was read to its verified end (the sender's close fails)."""
         if not self._finished:
             self._finished = True
-            await _reset(self._stream)
+            await reset_quietly(self._stream)
 
     async def refuse(self, reason: str) -> None:
         """Tell the sender the stream is not wanted (its ``close`` raises with the reason)."""
@@ -230,22 +230,7 @@ class IncomingTensorStream:
         try:
             await write_all(self._stream, _STATUS.pack(status, len(body)) + body)
         except StreamClosedError:
-            await _reset(self._stream)
+            await reset_quietly(self._stream)
             return
-        await _close(self._stream)
+        await close_quietly(self._stream)
 
-
-async def _close(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True):
-        try:
-            await stream.close()
-        except Exception:  # best effort on a broken stream
-            pass
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True):
-        try:
-            await stream.reset()
-        except Exception:  # best effort on a broken stream
-            pass

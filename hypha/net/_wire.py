@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import struct
 
+import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 
-__all__ = ["FrameReader", "StreamClosedError", "read_up_to", "u32", "write_all"]
+__all__ = [
+    "FrameReader",
+    "StreamClosedError",
+    "close_quietly",
+    "read_up_to",
+    "reset_quietly",
+    "u32",
+    "write_all",
+]
 
 _U32 = struct.Struct(">I")
 
@@ -81,3 +90,21 @@ class FrameReader:
 
 def u32(n: int) -> bytes:
     return _U32.pack(n)
+
+
+async def close_quietly(stream: INetStream) -> None:
+    """Close our side of a stream that may already be broken; never raises, never cancelled."""
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.close()
+        except Exception:  # best effort on a broken stream
+            pass
+
+
+async def reset_quietly(stream: INetStream) -> None:
+    """Reset a stream that may already be gone; never raises, never cancelled."""
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.reset()
+        except Exception:  # best effort on a broken stream
+            pass
