@@ -66,7 +66,10 @@ async def test_five_nodes_dht_gossip_rpc_and_tensor_stream(pki: PKI) -> None:
 
         # Gossipsub: every subscriber gets each message once, signed by its publisher
         subs = [await n.subscribe("hypha/test") for n in everyone]
-        await trio.sleep(0.5)  # subscriptions propagate (event-driven, a few ms here)
+        with trio.fail_after(30):  # the hub learns every subscription, and every node the hub's
+            for n in nodes:
+                await hub._pubsub.wait_for_subscription(n.peer_id, "hypha/test", timeout=30)
+                await n._pubsub.wait_for_subscription(hub.peer_id, "hypha/test", timeout=30)
         with trio.fail_after(30):
             await nodes[2].publish("hypha/test", b"hello all")
             for sub in subs:
