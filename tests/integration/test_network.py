@@ -61,6 +61,13 @@ async def test_five_nodes_dht_gossip_rpc_and_tensor_stream(pki: PKI) -> None:
             assert await nodes[1].provide("/hypha/dataset/alpha")
             providers = await nodes[2].find_providers("/hypha/dataset/alpha")
         assert nodes[1].peer_id in {p.peer_id for p in providers}
+        with trio.fail_after(30):  # peer routing: node 3's addresses, found through the DHT
+            found = await nodes[0].find_peer(nodes[3].peer_id)
+        assert found is not None and found.peer_id == nodes[3].peer_id
+        def bare(addrs) -> set[str]:  # type: ignore[no-untyped-def]
+            return {str(a).split("/p2p/")[0] for a in addrs}
+
+        assert bare(nodes[3].addrs) & bare(found.addrs)
         with pytest.raises(ValueError, match="outside /hypha/"):
             await nodes[0].put("/other/key", b"v")
 
@@ -79,7 +86,7 @@ async def test_five_nodes_dht_gossip_rpc_and_tensor_stream(pki: PKI) -> None:
 
         # RPC between two nodes that meet through the DHT-learned address of the other
         with trio.fail_after(30):
-            await nodes[0].dial(nodes[3].addrs[0])
+            await nodes[0].dial(found)
             assert await nodes[0].request(nodes[3].peer_id, ECHO, b"abc") == b"abc"
             with pytest.raises(RemoteError, match="rejected on purpose"):
                 await nodes[0].request(nodes[3].peer_id, ECHO, b"reject")
@@ -239,3 +246,38 @@ async def test_external_addresses_replace_the_listen_ones_in_what_a_node_adverti
     async with AsyncExitStack() as stack:
         node = await _start(stack, pki, "nat", external=("/ip4/203.0.113.7/tcp/4001",))
         assert [str(a) for a in node.addrs] == [f"/ip4/203.0.113.7/tcp/4001/p2p/{node.peer_id}"]
+
+
+async def test_a_slow_consumer_holds_the_sender_back(pki: PKI) -> None:
+    """Backpressure: while the receiver does not read, the sender cannot run far ahead."""
+    async with AsyncExitStack() as stack:
+        a = await _start(stack, pki, "a")
+        b = await _start(stack, pki, "b")
+        release = trio.Event()
+        received = []
+
+        async def slow(incoming) -> None:  # type: ignore[no-untyped-def]
+            async for chunk in incoming:
+                received.append(len(chunk))
+                await release.wait()
+
+        b.on_tensor_stream(slow)
+        chunk = bytes(1 << 20)
+        total = 128
+        with trio.fail_after(60):
+            await a.dial(b.addrs[0])
+            out = await a.open_tensor_stream(b.peer_id, "slow")
+            async with trio.open_nursery() as nursery:
+
+                async def produce() -> None:
+                    async with out:
+                        for _ in range(total):
+                            await out.send(chunk)
+
+                nursery.start_soon(produce)
+                await trio.sleep(1.0)
+                held_back = out.bytes_sent
+                release.set()
+        # the 16 MiB muxer window plus socket and TLS buffers, far from all 128 MiB
+        assert held_back <= 48 << 20, held_back
+        assert sum(received) == total << 20
