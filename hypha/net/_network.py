@@ -34,6 +34,7 @@ from libp2p.host.basic_host import BasicHost
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIP_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIP_V11
 from libp2p.pubsub.gossipsub import GossipSub
@@ -402,7 +403,17 @@ class Network:
     async def _open_stream(self, peer: ID, protocol: TProtocol) -> INetStream:
         async def open_stream() -> INetStream:
             try:
+                if peer not in self._host.get_connected_peers() and not self._known_addrs(peer):
+                    # NOTE: a peer we only heard of (e.g. a Gossipsub publisher relayed by the
+                    # gateway): look its addresses up in the DHT before dialling.
+                    found = await self._dht.find_peer(peer)
+                    if found is None or not found.addrs:
+                        raise DialError(f"cannot reach {peer}: not connected, and the DHT "
+                                        "knows no address for it")
+                    await self._host.connect(found)
                 return await self._host.new_stream(peer, [protocol])
+            except DialError:
+                raise
             except Exception as exc:  # classify py-libp2p's errors
                 refusal = _find_refusal(exc)
                 if refusal is not None:
@@ -411,6 +422,12 @@ class Network:
                                 ) from exc
 
         return await self._call(open_stream)
+
+    def _known_addrs(self, peer: ID) -> list[Multiaddr]:
+        try:
+            return list(self._host.get_peerstore().addrs(peer))
+        except PeerStoreError:
+            return []
 
     # -- tensor streams --------------------------------------------------------------------------
     def on_tensor_stream(self, handler: TensorStreamHandler) -> None:

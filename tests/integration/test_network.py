@@ -97,6 +97,11 @@ async def test_five_nodes_dht_gossip_rpc_and_tensor_stream(pki: PKI) -> None:
             with pytest.raises(ValueError, match="exceeds the 1024-byte limit"):
                 await nodes[0].request(nodes[3].peer_id, ECHO, b"y" * 1025)
             assert await nodes[0].request(nodes[3].peer_id, ECHO, b"still fine") == b"still fine"
+            # by peer ID alone (as a Gossipsub publisher is known): found through the DHT
+            await nodes[1].disconnect(nodes[2].peer_id)
+            nodes[1]._host.get_peerstore().clear_addrs(nodes[2].peer_id)
+            assert nodes[1]._known_addrs(nodes[2].peer_id) == []
+            assert await nodes[1].request(nodes[2].peer_id, ECHO, b"by id") == b"by id"
 
         # a 64 MiB tensor stream, checksummed end to end
         data = os.urandom(64 << 20)
