@@ -1,0 +1,13 @@
+"""hypha.executors' public surface."""
+
+from __future__ import annotations
+
+import hypha.executors
+
+
+def test_exports() -> None:
+    modules = {"bridge", "local", "process", "workspace"}
+    assert sorted(hypha.executors.__all__) == sorted(
+        name for name in dir(hypha.executors) if not name.startswith("_") and name not in modules)
+    for name in hypha.executors.__all__:
+        assert getattr(hypha.executors, name) is not None
