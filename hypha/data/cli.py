@@ -1,0 +1,275 @@
+"""The data node's command line: ``prepare`` datasets and ``verify`` them.
+
+python -m hypha.data prepare text --input PATH [PATH ...] --name NAME --out DIR
+                                  [--slice-tokens N] [--seq-len L] [--force]
+python -m hypha.data prepare text --builtin python-stdlib --out DIR [--name NAME] ...
+python -m hypha.data prepare images --input FILE.npz|DIR --name NAME --out DIR
+                                    [--slice-examples N] [--seed N] [--no-shuffle] [--force]
+python -m hypha.data verify DIR/NAME [DIR/NAME ...]
+
+Every bad input ends with ``hypha data: error: ...`` on stderr and exit status 2.
+"""
+
+# NOTE: `init` and `run` (the node itself, as in hypha.gateway.cli) join these when the data node's
+# network side exists; the commands here need no config file.
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hypha.data.prepare import (
+    BUILTIN_CORPORA,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_SLICE_EXAMPLES,
+    DEFAULT_SLICE_TOKENS,
+    prepare_builtin_text,
+    prepare_images,
+    prepare_text,
+)
+from hypha.data.slices import Dataset, DatasetError, Manifest
+
+__all__ = ["PROG", "main"]
+
+PROG = "python -m hypha.data"
+_ERROR = "hypha data: error:"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors raise, so that main() reports every error one way."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message, self)
+
+
+class _UsageError(Exception):
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the data node's command line with ``argv`` (default ``sys.argv[1:]``)."""
+    parser = _build_parser()
+    try:
+        try:
+            args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        except SystemExit as exc:  # --help printed; return instead of exiting
+            return exc.code if isinstance(exc.code, int) else 0
+        if getattr(args, "run", None) is None:
+            (args.usage_parser if hasattr(args, "usage_parser") else parser).print_help(sys.stderr)
+            return 2
+        return int(args.run(args))
+    except _UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{_ERROR} {exc}", file=sys.stderr)
+        return 2
+    except DatasetError as exc:
+        print(f"{_ERROR} {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Hypha data node: prepare datasets as SafeTensors slices (and, later, serve "
+        "them to workers).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    prepare = commands.add_parser(
+        "prepare",
+        help="turn a text corpus or labelled images into a dataset of slices",
+        description="Turn a corpus into DIR/NAME/manifest.json and DIR/NAME/slice-*.safetensors.",
+    )
+    prepare.set_defaults(usage_parser=prepare)
+    kinds = prepare.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+
+    text = kinds.add_parser(
+        "text",
+        help="byte-level text: sequences of --seq-len + 1 tokens (0..255)",
+        description="Prepare a byte-level text dataset. Files are read as UTF-8 bytes in a fixed "
+        "order (inputs as given, each directory's files sorted by path), each followed by byte "
+        "0 (end of document), and cut into sequences of SEQ_LEN + 1 tokens (inputs and "
+        "next-token targets) that overlap by one. --builtin needs no download: "
+        + "; ".join(f"{n}: {c.description}" for n, c in BUILTIN_CORPORA.items())
+        + " (the top-level modules of this Python's standard library, a fixed selection).",
+    )
+    source = text.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        type=Path,
+        metavar="PATH",
+        help="text files, or directories read recursively for "
+        ".txt/.md/.rst/.py/... files (hidden ones skipped)",
+    )
+    source.add_argument(
+        "--builtin", choices=sorted(BUILTIN_CORPORA), help="a corpus that ships with Python"
+    )
+    text.add_argument(
+        "--name", help="the dataset's name (required with --input; default: the --builtin name)"
+    )
+    text.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where to create the dataset directory NAME",
+    )
+    text.add_argument(
+        "--slice-tokens",
+        type=_positive,
+        default=DEFAULT_SLICE_TOKENS,
+        metavar="N",
+        help=f"tokens per slice, rounded down to whole sequences (default: {DEFAULT_SLICE_TOKENS})",
+    )
+    text.add_argument(
+        "--seq-len",
+        type=_positive,
+        default=DEFAULT_SEQ_LEN,
+        metavar="L",
+        help=f"tokens per training sequence (default: {DEFAULT_SEQ_LEN})",
+    )
+    text.add_argument("--force", action="store_true", help="replace an existing dataset NAME")
+    text.set_defaults(run=_cmd_text, usage_parser=text)
+
+    images = kinds.add_parser(
+        "images",
+        help="labelled images from an .npz or a folder of class folders",
+        description="Prepare a labelled image dataset from an .npz (arrays images: uint8 "
+        "[N,H,W] or [N,H,W,C], labels: int [N], optional classes: str [K]) or a folder "
+        "ROOT/CLASS/*.png|*.ppm|*.pgm (8-bit PNG: gray, gray+alpha, RGB, RGBA, not interlaced; "
+        "binary PGM/PPM). All images must share one shape. Examples are shuffled with --seed so "
+        "that each slice mixes the classes.",
+    )
+    images.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="an .npz file or a folder of class folders",
+    )
+    images.add_argument("--name", required=True, help="the dataset's name")
+    images.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where to create the dataset directory NAME",
+    )
+    images.add_argument(
+        "--slice-examples",
+        type=_positive,
+        default=DEFAULT_SLICE_EXAMPLES,
+        metavar="N",
+        help=f"images per slice (default: {DEFAULT_SLICE_EXAMPLES})",
+    )
+    images.add_argument(
+        "--seed", type=_non_negative, default=0, help="seed of the shuffle (default: 0)"
+    )
+    images.add_argument(
+        "--no-shuffle", dest="shuffle", action="store_false", help="keep the input order"
+    )
+    images.add_argument("--force", action="store_true", help="replace an existing dataset NAME")
+    images.set_defaults(run=_cmd_images)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check a dataset's manifest and every slice's SHA-256 and layout",
+        description="Check a dataset's manifest and read every slice, checking its SHA-256 and "
+        "its tensors against the manifest.",
+    )
+    verify.add_argument("datasets", nargs="+", type=Path, metavar="DIR/NAME")
+    verify.set_defaults(run=_cmd_verify)
+    return parser
+
+
+def _cmd_text(args: argparse.Namespace) -> int:
+    if args.input is not None and args.name is None:
+        raise _UsageError("--name is required with --input", args.usage_parser)
+    if args.builtin is not None:
+        manifest = prepare_builtin_text(
+            args.builtin,
+            args.out,
+            name=args.name,
+            slice_tokens=args.slice_tokens,
+            seq_len=args.seq_len,
+            force=args.force,
+        )
+    else:
+        manifest = prepare_text(
+            args.input,
+            args.name,
+            args.out,
+            slice_tokens=args.slice_tokens,
+            seq_len=args.seq_len,
+            force=args.force,
+        )
+    _report(args.out, manifest)
+    return 0
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    manifest = prepare_images(
+        args.input,
+        args.name,
+        args.out,
+        slice_examples=args.slice_examples,
+        seed=args.seed,
+        shuffle=args.shuffle,
+        force=args.force,
+    )
+    _report(args.out, manifest)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    for path in args.datasets:
+        dataset = Dataset.open(path)
+        dataset.verify()
+        print(f"{path}: ok: {_summary(dataset.manifest)}")
+    return 0
+
+
+def _report(out: Path, manifest: Manifest) -> None:
+    print(
+        f"prepared {manifest.kind} dataset {manifest.name!r} in {out / manifest.name}: "
+        f"{_summary(manifest)}"
+    )
+
+
+def _summary(m: Manifest) -> str:
+    slices = f"{m.num_slices} slice{'s' if m.num_slices != 1 else ''}"
+    if m.text is not None:
+        return (
+            f"{slices}, {m.num_examples:,} sequences of {m.text.seq_len} tokens "
+            f"({m.text.total_tokens:,} tokens from {m.text.files} files)"
+        )
+    assert m.images is not None
+    h, w, c = m.images.shape
+    return f"{slices}, {m.num_examples:,} images of {h}x{w}x{c} in {len(m.images.classes)} classes"
