@@ -20,6 +20,8 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "certutil": ("hypha.certutil.__main__", "create CAs, node certificates and CRLs"),
     "gateway": ("hypha.gateway.__main__", "run a gateway: bootstrap address, DHT anchor, relay"),
+    "worker": ("hypha.worker.__main__", "run a worker: offer resources, keep leases, run jobs"),
+    "scheduler": ("hypha.scheduler.__main__", "run a scheduler: lease workers, dispatch a job"),
 }
 
 

@@ -8,14 +8,14 @@ revoked peers' open connections are closed and their new ones refused.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import Any
 
 import trio
 
 from hypha.gateway.config import GatewayConfig
-from hypha.net import MTLSTransport, NetworkSettings, TLSFiles, open_network
+from hypha.messages import WORKER_TOPIC
+from hypha.net import MTLSTransport, NetworkSettings, open_network, settings_from_sections
+from hypha.rolecli import until_stopped
 
 __all__ = ["run", "settings_from_config"]
 
@@ -31,15 +31,12 @@ def settings_from_config(config: GatewayConfig) -> NetworkSettings:
     }
     if relay.max_circuit_bytes:
         limits["data"] = relay.max_circuit_bytes
-    tls = config.tls
-    return NetworkSettings(
-        tls=TLSFiles(cert=tls.cert, key=tls.key, trust=tls.trust, crl=tuple(tls.crl)),
-        listen=tuple(config.network.listen),
-        external=tuple(config.network.external),
-        bootstrap=tuple(config.network.bootstrap),
+    return settings_from_sections(
+        config.network, config.tls,
         relay_service=relay.enabled,
         relay_limits=limits,
         dht_mode="server",
+        relay_topics=(WORKER_TOPIC,),
         reload_on_sighup=True,
     )
 
@@ -59,16 +56,7 @@ async def run(config: GatewayConfig, *, task_status: Any = trio.TASK_STATUS_IGNO
             log.info("circuit relay v2 on (%d reservations, %d circuits at most)",
                      config.relay.max_reservations, config.relay.max_circuits)
         task_status.started(net)
-        await _until_stopped()
+        await until_stopped(log)
     log.info("gateway stopped")
     return 0
 
-
-async def _until_stopped() -> None:
-    """Return on SIGINT or SIGTERM (a clean shutdown for a terminal and for systemd alike)."""
-    if threading.current_thread() is not threading.main_thread():
-        await trio.sleep_forever()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            return

@@ -17,6 +17,7 @@ from hypha.net._network import (
     NetworkSettings,
     Subscription,
     open_network,
+    settings_from_sections,
 )
 from hypha.net._rpc import Protocol, RemoteError, RequestRejected, ResponseTooLarge, RPCError
 from hypha.net._tensor_stream import IncomingTensorStream, OutgoingTensorStream, TensorStreamError
@@ -42,4 +43,5 @@ __all__ = [
     "TensorStreamError",
     "open_network",
     "peer_id_from_certificate",
+    "settings_from_sections",
 ]

@@ -59,6 +59,7 @@ __all__ = [
     "NetworkSettings",
     "Subscription",
     "open_network",
+    "settings_from_sections",
 ]
 
 logger = logging.getLogger("hypha.net")
@@ -109,6 +110,9 @@ class NetworkSettings:
     reload_on_sighup: bool = False
     #: "hypha" (ours) or "libp2p" (py-libp2p's yamux: same wire protocol, ~2x slower here)
     muxer: str = "hypha"
+    #: Gossipsub topics to join only to forward them (the gateway: peers that know nobody but
+    #: the gateway reach each other's topics through it; Gossipsub relays only joined topics)
+    relay_topics: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         for name in ("listen", "external", "bootstrap"):
@@ -128,6 +132,17 @@ class NetworkSettings:
         if not (self.gossip_heartbeat > 0 and math.isfinite(self.gossip_heartbeat)):
             raise ValueError(f"gossip_heartbeat must be a positive number of seconds, not "
                              f"{self.gossip_heartbeat!r}")
+
+
+def settings_from_sections(network: Any, tls: Any, **kwargs: Any) -> NetworkSettings:
+    """NetworkSettings from a role config's ``[network]`` and ``[tls]`` sections (hypha.config)."""
+    return NetworkSettings(
+        tls=TLSFiles(cert=tls.cert, key=tls.key, trust=tls.trust, crl=tuple(tls.crl)),
+        listen=tuple(network.listen),
+        external=tuple(network.external),
+        bootstrap=tuple(network.bootstrap),
+        **kwargs,
+    )
 
 
 @dataclass(frozen=True)
@@ -221,10 +236,15 @@ class Network:
         self._relay = Relay(self._host, serve_hop=settings.relay_service,
                             client=settings.relay_client, limits=dict(settings.relay_limits))
         self._nursery: trio.Nursery | None = None
+        self._stop = trio.CancelScope()
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _drive(self, *, task_status: Any = trio.TASK_STATUS_IGNORED
                      ) -> None:
+        with self._stop:
+            await self._drive_host(task_status)
+
+    async def _drive_host(self, task_status: Any) -> None:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(
                 self._host.run(listen_addrs=[Multiaddr(a) for a in self.settings.listen]))
@@ -242,6 +262,8 @@ class Network:
                 await nursery.start(self._watch_sighup)
             for addr in self.settings.bootstrap:
                 nursery.start_soon(self._bootstrap, addr)
+            for topic in self.settings.relay_topics:
+                nursery.start_soon(self._forward_only, await self._pubsub.subscribe(topic))
             logger.info("node %s listening on %s", self.peer_id,
                         ", ".join(str(a) for a in self.addrs) or "nothing")
             task_status.started()
@@ -250,9 +272,11 @@ class Network:
             nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
+        """Stop the node: no new actions, the host and its connections close."""
         if not self._closed:
             self._closed = True
             await self._send_action.aclose()
+        self._stop.cancel()
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
@@ -353,6 +377,10 @@ class Network:
             await self._call(lambda: self._relay.reserve(info.peer_id, info.addrs[0], nursery))
         except Exception as exc:  # a relay without a slot is logged, not fatal
             logger.error("no relay reservation on %s: %s", info.peer_id, _root_cause(exc))
+
+    async def _forward_only(self, subscription: Any) -> None:
+        while True:  # joined for forwarding: what arrives here is not ours to handle
+            await subscription.get()
 
     async def reload_crl(self) -> list[ID]:
         """Re-read the CRL files; close the connections of peers they revoke. Returns them."""

@@ -1,0 +1,89 @@
+"""In-process market participants for tests and bench/alloc.py: a hub, workers, schedulers."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from hypha.executors.process import ProcessExecutor
+from hypha.messages import GIB, Executor, Resources
+from hypha.net import Network, open_network
+from hypha.scheduler.allocator import Requirements
+from hypha.scheduler.node import SchedulerNode
+from hypha.worker.arbiter import Arbiter, Pricing
+from hypha.worker.jobs import JobManager
+from hypha.worker.node import WorkerNode
+from tests.unit.net._pki import PKI
+
+TRAIN = Executor(kind="process", name="train", runtime="python")
+SMALL = Resources(cpu=1, memory=1 * GIB, storage=1 * GIB, gpu=0)
+MACHINE = Resources(cpu=8, memory=32 * GIB, storage=500 * GIB, gpu=0)
+#: a job that runs until stopped
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+@dataclass
+class Worker:
+    net: Network
+    node: WorkerNode
+    arbiter: Arbiter
+    scope: trio.CancelScope
+
+
+async def start_hub(stack: AsyncExitStack, pki: PKI) -> Network:
+    """A gateway's network: it forwards the advertisement topic."""
+    _, files = pki.node("hub")
+    return await stack.enter_async_context(
+        open_network(pki.settings(files, relay_topics=("hypha/worker",))))
+
+
+async def start_worker(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, hub: Network,
+                       name: str, pricing: Pricing, *, resources: Resources = MACHINE,
+                       command: list[str] | None = None, work_dir: Path,
+                       offer_ttl: float = 5.0, batch_window: float = 0.05) -> Worker:
+    _, files = pki.node(name)
+    net = await stack.enter_async_context(
+        open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
+    arbiter = Arbiter(resources, [TRAIN], pricing, worker_id=str(net.peer_id),
+                      offer_ttl=offer_ttl)
+    jobs = JobManager(net, {TRAIN: ProcessExecutor(command or SLEEPER, grace_period=2)},
+                      work_dir=work_dir / name)
+    node = WorkerNode(net, arbiter, jobs, batch_window=batch_window)
+    scope = trio.CancelScope()
+
+    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await node.run(task_status=task_status)
+
+    await nursery.start(serve)
+    return Worker(net, node, arbiter, scope)
+
+
+async def start_scheduler(stack: AsyncExitStack, pki: PKI, hub: Network, name: str, *,
+                          workers: int, bid: float, max_price: float,
+                          resources: Resources = SMALL, lease_ttl: float = 30.0,
+                          offer_window: float = 0.5, dispatch: bool = True
+                          ) -> SchedulerNode:
+    _, files = pki.node(name)
+    net = await stack.enter_async_context(
+        open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
+    return SchedulerNode(net, Requirements(resources, TRAIN, bid, max_price), workers=workers,
+                         lease_ttl=lease_ttl, offer_window=offer_window, dispatch=dispatch)
+
+
+async def wait_connected(*nets: Network, hub: Network) -> None:
+    while not all(hub.peer_id in n.connected_peers() for n in nets):
+        await trio.sleep(0.02)
+
+
+async def wait_subscribed(hub: Network, nets: list[Network],
+                          schedulers: list[Network] = ()) -> None:  # type: ignore[assignment]
+    """Until the hub knows every worker's subscription and every node knows the hub's."""
+    for n in nets:
+        await hub._pubsub.wait_for_subscription(n.peer_id, "hypha/worker", timeout=30)
+    for n in [*nets, *schedulers]:
+        await n._pubsub.wait_for_subscription(hub.peer_id, "hypha/worker", timeout=30)
