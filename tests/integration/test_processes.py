@@ -1,0 +1,182 @@
+"""The market with real OS processes: a gateway, workers and schedulers, as users run them.
+
+Each node is ``python -m hypha.<role> run`` with its settings in ``HYPHA_*`` variables and flags;
+the tests read what happened from the nodes' logs (the lines a user reads too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from hypha.certutil import load_certificates
+from hypha.net import peer_id_from_certificate
+from tests.unit.net._pki import PKI
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Node:
+    name: str
+    proc: trio.Process
+    lines: list[str] = field(default_factory=list)
+    peer_id: str = ""
+    _buf: str = ""
+
+    async def pump(self) -> None:
+        assert self.proc.stderr is not None
+        while True:
+            data = await self.proc.stderr.receive_some(65536)
+            if not data:
+                return
+            self._buf += data.decode(errors="replace")
+            *done, self._buf = self._buf.split("\n")
+            self.lines.extend(done)
+
+    async def wait_for(self, pattern: str, *, count: int = 1) -> list[re.Match[str]]:
+        regex = re.compile(pattern)
+        while True:
+            found = [m for m in (regex.search(line) for line in self.lines) if m]
+            if len(found) >= count:
+                return found
+            if self.proc.returncode is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode} before "
+                                     f"{pattern!r}:\n" + "\n".join(self.lines[-40:]))
+            await trio.sleep(0.05)
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+
+class Cluster:
+    def __init__(self, pki: PKI, tmp: Path, nursery: trio.Nursery) -> None:
+        self.pki = pki
+        self.tmp = tmp
+        self.nursery = nursery
+        self.nodes: list[Node] = []
+
+    def env(self, name: str) -> dict[str, str]:
+        _, files = self.pki.node(name)
+        return {**os.environ, "HYPHA_NO_EXTENSION": "1", "PYTHONUNBUFFERED": "1",
+                "HYPHA_TLS_CERT": str(files.cert), "HYPHA_TLS_KEY": str(files.key),
+                "HYPHA_TLS_TRUST": str(files.trust), "HYPHA_TLS_CRL": str(self.pki.crl)}
+
+    async def start(self, role: str, name: str, *args: str) -> Node:
+        env = self.env(name)
+        cmd = [sys.executable, "-m", f"hypha.{role}", "run", "--listen", "/ip4/127.0.0.1/tcp/0",
+               *args]
+        proc = await self.nursery.start(lambda **kw: trio.run_process(
+            cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, check=False, **kw))
+        node = Node(name, proc)
+        node.peer_id = str(peer_id_from_certificate(
+            load_certificates(self.pki.directory / f"{name}.pem")[0]))
+        self.nursery.start_soon(node.pump)
+        self.nodes.append(node)
+        return node
+
+    async def gateway(self) -> str:
+        node = await self.start("gateway", "gateway")
+        [match] = await node.wait_for(r"peers bootstrap from: (\S+)")
+        return match.group(1)
+
+    async def worker(self, gateway: str, name: str, *, price: float, strategy: str = "flexible",
+                     floor: float = 0.5) -> Node:
+        job = self.tmp / "job.py"  # the job: runs until stopped
+        job.write_text("import time\ntime.sleep(600)\n")
+        args = ["--network-bootstrap", gateway, "--executor-command", sys.executable, str(job),
+                "--pricing-price", str(price), "--pricing-strategy", strategy,
+                "--pricing-floor", str(floor), "--jobs-work-dir", str(self.tmp / name),
+                "--jobs-batch-window", "0.05"]
+        node = await self.start("worker", name, *args)
+        await node.wait_for(r"bootstrapped from")
+        return node
+
+    async def scheduler(self, gateway: str, name: str, *args: str) -> Node:
+        return await self.start("scheduler", name, "--network-bootstrap", gateway,
+                                "--job-cpu", "1", "--job-memory", "64MiB",
+                                "--job-storage", "1MiB", *args)
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            if node.proc.returncode is None:
+                node.proc.send_signal(signal.SIGKILL)
+
+
+def _leases(node: Node) -> dict[str, float]:
+    """worker peer id -> price, from the scheduler's 'leased ... from X at P/h' lines."""
+    out = {}
+    for line in node.lines:
+        m = re.search(r"leased .* from (\S+) at ([0-9.]+)/h", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+async def test_processes_allocate_expire_and_replace(pki: PKI, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(pki, tmp_path, nursery)
+        try:
+            with trio.fail_after(180):
+                gateway = await cluster.gateway()
+                workers = {
+                    "cheap": await cluster.worker(gateway, "cheap", price=1.0),
+                    "fair": await cluster.worker(gateway, "fair", price=1.5),
+                    "whole": await cluster.worker(gateway, "whole", price=2.5, strategy="whole"),
+                    "dear": await cluster.worker(gateway, "dear", price=5.0),
+                }
+                sched = await cluster.scheduler(
+                    gateway, "sched", "--job-workers", "3", "--job-bid", "2",
+                    "--job-max-price", "3", "--job-lease-ttl", "3")
+                await sched.wait_for(r"job \S+ on \S+: running", count=3)
+                leases = _leases(sched)
+                ids = {name: node.peer_id for name, node in workers.items()}
+                # 3 of 4 at the right prices: flexible at the bid, whole at max(bid, price)
+                assert leases == {ids["cheap"]: 2.0, ids["fair"]: 2.0, ids["whole"]: 2.5}, \
+                    sched.log()
+                # the dear worker (price 5 > bid 2) never offered
+                assert not [ln for ln in workers["dear"].lines if "offered" in ln]
+
+                # a worker dies: the scheduler notices at the next renewal (the only worker left,
+                # "dear", will not offer at the bid, so it keeps advertising)
+                workers["fair"].proc.send_signal(signal.SIGKILL)
+                await sched.wait_for(rf"lost worker {ids['fair']}")
+
+                # the scheduler dies: every worker's lease expires and frees its resources
+                sched.proc.send_signal(signal.SIGKILL)
+                for name in ("cheap", "whole"):
+                    await workers[name].wait_for(r"lease \S+ of scheduler \S+ expired: freeing")
+        finally:
+            cluster.stop_all()
+
+
+async def test_a_dead_worker_is_replaced_by_a_new_lease(pki: PKI, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(pki, tmp_path, nursery)
+        try:
+            with trio.fail_after(180):
+                gateway = await cluster.gateway()
+                a = await cluster.worker(gateway, "a", price=1.0)
+                b = await cluster.worker(gateway, "b", price=1.2)
+                sched = await cluster.scheduler(
+                    gateway, "sched", "--job-workers", "1", "--job-bid", "2",
+                    "--job-max-price", "3", "--job-lease-ttl", "2")
+                await sched.wait_for(r"job \S+ on \S+: running")
+                [first] = _leases(sched)
+                dead, alive = (a, b) if first == a.peer_id else (b, a)
+                dead.proc.send_signal(signal.SIGKILL)
+                await sched.wait_for(rf"lost worker {dead.peer_id}")
+                await sched.wait_for(rf"leased .* from {alive.peer_id}")
+                await sched.wait_for(rf"job \S+ on {alive.peer_id}: running")
+        finally:
+            cluster.stop_all()
