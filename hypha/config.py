@@ -65,6 +65,7 @@ __all__ = [
     "ConfigError",
     "InvalidSetting",
     "LogSection",
+    "MetricsSection",
     "NetworkSection",
     "TLSSection",
     "add_arguments",
@@ -906,6 +907,19 @@ class LogSection:
     format: str = setting(
         "text", "text for people, json (one object per line) for machines", choices=LOG_FORMATS
     )
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """Prometheus metrics of this node, served over HTTP at /metrics."""
+
+    port: int | None = setting(
+        None, "local TCP port for /metrics; unset: no metrics endpoint", metavar="PORT")
+    host: str = setting("127.0.0.1", "address to serve metrics on (keep it local or firewalled)")
+
+    def validate(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise InvalidSetting("port", f"must be 0 (any free port) .. 65535, got {self.port}")
 
 
 class _JsonFormatter(logging.Formatter):

@@ -10,6 +10,7 @@ from typing import ClassVar
 from hypha.config import (
     InvalidSetting,
     LogSection,
+    MetricsSection,
     NetworkSection,
     TLSSection,
     section,
@@ -70,3 +71,4 @@ class GatewayConfig:
     tls: TLSSection = section(TLSSection)
     log: LogSection = section(LogSection)
     relay: RelaySection = section(RelaySection)
+    metrics: MetricsSection = section(MetricsSection)

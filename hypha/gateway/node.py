@@ -8,13 +8,22 @@ revoked peers' open connections are closed and their new ones refused.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import trio
+from prometheus_client.core import Metric
 
 from hypha.gateway.config import GatewayConfig
 from hypha.messages import WORKER_TOPIC
-from hypha.net import MTLSTransport, NetworkSettings, open_network, settings_from_sections
+from hypha.metrics import gauge, serve_metrics
+from hypha.net import (
+    MTLSTransport,
+    Network,
+    NetworkSettings,
+    open_network,
+    settings_from_sections,
+)
 from hypha.rolecli import until_stopped
 
 __all__ = ["run", "settings_from_config"]
@@ -55,8 +64,20 @@ async def run(config: GatewayConfig, *, task_status: Any = trio.TASK_STATUS_IGNO
         if settings.relay_service:
             log.info("circuit relay v2 on (%d reservations, %d circuits at most)",
                      config.relay.max_reservations, config.relay.max_circuits)
-        task_status.started(net)
-        await until_stopped(log)
+        async with trio.open_nursery() as nursery:
+            if config.metrics.port is not None:
+                await nursery.start(partial(serve_metrics, partial(_collect, net),
+                                            host=config.metrics.host, port=config.metrics.port))
+            task_status.started(net)
+            await until_stopped(log)
+            nursery.cancel_scope.cancel()
     log.info("gateway stopped")
     return 0
+
+
+def _collect(net: Network) -> list[Metric]:
+    return [gauge("hypha_peers_connected", "peers with an open connection",
+                  len(net.connected_peers())),
+            gauge("hypha_relay_reservations", "peers reachable through this relay",
+                  len(net.relay_reservations()))]
 

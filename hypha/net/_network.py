@@ -308,6 +308,11 @@ class Network:
         """Circuit addresses reserved on relays (``relay_client``): how NATed nodes are dialled."""
         return list(self._relay.reserved.values())
 
+    def relay_reservations(self) -> list[ID]:
+        """Peers holding a reservation on this node's relay (the gateway's)."""
+        manager = getattr(self._relay.protocol, "resource_manager", None)
+        return list(getattr(manager, "_reservations", {}))
+
     async def dial(self, addr: str | Multiaddr | PeerInfo) -> ID:
         """Connect to a peer at a multiaddr ending in /p2p/<id>; returns its peer ID.
 

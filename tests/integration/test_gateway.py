@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,12 @@ async def test_gateway_process_bootstraps_nodes_and_reloads_its_crl_on_sighup(
     async with trio.open_nursery() as nursery:
         proc = await nursery.start(lambda **kw: trio.run_process(
             [sys.executable, "-m", "hypha.gateway", "run", "--config", str(config),
-             "--listen", "/ip4/127.0.0.1/tcp/0"],
+             "--listen", "/ip4/127.0.0.1/tcp/0", "--metrics-port", "0"],
             cwd=ROOT, env=env, stderr=subprocess.PIPE, check=False, **kw))
         try:
             with trio.fail_after(60):
                 match = await _read_until(proc, r"peers bootstrap from: (\S+)", seen)
+                metrics = await _read_until(proc, r"metrics at (http://\S+)", seen)
             gateway_addr = match.group(1)
             ident, files = pki.node("member")
             settings = pki.settings(files, bootstrap=(gateway_addr,))
@@ -66,6 +68,9 @@ async def test_gateway_process_bootstraps_nodes_and_reloads_its_crl_on_sighup(
                         await trio.sleep(0.02)
                     await member.put("/hypha/test/gw", b"anchored")
                     assert await member.get("/hypha/test/gw") == b"anchored"
+                    body = await trio.to_thread.run_sync(
+                        lambda: urllib.request.urlopen(metrics.group(1), timeout=10).read())
+                    assert b"hypha_peers_connected 1.0" in body
                 # revoke the member, tell the gateway: its connection goes, and it cannot return
                 pki.revoke(ident)
                 proc.send_signal(signal.SIGHUP)

@@ -40,6 +40,7 @@ def test_public_api() -> None:
             "ConfigError",
             "InvalidSetting",
             "LogSection",
+            "MetricsSection",
             "NetworkSection",
             "TLSSection",
             "add_arguments",
