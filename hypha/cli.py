@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("hypha.gateway.__main__", "run a gateway: bootstrap address, DHT anchor, relay"),
     "worker": ("hypha.worker.__main__", "run a worker: offer resources, keep leases, run jobs"),
     "scheduler": ("hypha.scheduler.__main__", "run a scheduler: lease workers, dispatch a job"),
+    "data": ("hypha.data.__main__", "run a data node: prepare datasets, serve slices to workers"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The data node's command line: ``prepare`` datasets and ``verify`` them.
+"""The data node's command line: ``prepare`` datasets, ``verify`` them, ``init`` and ``run`` the node.
 
 python -m hypha.data prepare text --input PATH [PATH ...] --name NAME --out DIR
                                   [--slice-tokens N] [--seq-len L] [--force]
@@ -6,12 +6,17 @@ python -m hypha.data prepare text --builtin python-stdlib --out DIR [--name NAME
 python -m hypha.data prepare images --input FILE.npz|DIR --name NAME --out DIR
                                     [--slice-examples N] [--seed N] [--no-shuffle] [--force]
 python -m hypha.data verify DIR/NAME [DIR/NAME ...]
+python -m hypha.data init [--config hypha-data.toml] [--force]
+python -m hypha.data run [--config PATH] [--data-datasets DIR ...] [--tls-cert PATH ...]
 
-Every bad input ends with ``hypha data: error: ...`` on stderr and exit status 2.
+``init`` and ``run`` are every role's (:class:`hypha.rolecli.RoleCLI`); ``run`` starts
+:mod:`hypha.data.node`. Every bad input ends with ``hypha data: error: ...`` on stderr and exit
+status 2.
 """
 
-# NOTE: `init` and `run` (the node itself, as in hypha.gateway.cli) join these when the data node's
-# network side exists; the commands here need no config file.
+# NOTE: unlike the other roles, a bare `python -m hypha.data` prints the usage instead of running
+# the node: the data node's command line began as a preparation tool, and a typo'd `prepare`
+# must not start a node. `run` is spelled out, or implied by a leading flag (`--config ...`).
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hypha.data.config import DataConfig
 from hypha.data.prepare import (
     BUILTIN_CORPORA,
     DEFAULT_SEQ_LEN,
@@ -30,11 +36,22 @@ from hypha.data.prepare import (
     prepare_text,
 )
 from hypha.data.slices import Dataset, DatasetError, Manifest
+from hypha.rolecli import RoleCLI
 
-__all__ = ["PROG", "main"]
+__all__ = ["CLI", "PROG", "main"]
+
+CLI = RoleCLI(
+    role="data",
+    schema=DataConfig,
+    node_module="hypha.data.node",
+    description="Hypha data node: announces prepared datasets in the DHT and streams their "
+    "slices to workers.",
+    init_hint="fill in [tls], network.bootstrap and data.datasets",
+)
 
 PROG = "python -m hypha.data"
 _ERROR = "hypha data: error:"
+_NODE_COMMANDS = ("init", "run")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,10 +69,14 @@ class _UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the data node's command line with ``argv`` (default ``sys.argv[1:]``)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and (args_list[0] in _NODE_COMMANDS
+                      or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help"))):
+        return CLI.main(args_list)
     parser = _build_parser()
     try:
         try:
-            args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+            args = parser.parse_args(args_list)
         except SystemExit as exc:  # --help printed; return instead of exiting
             return exc.code if isinstance(exc.code, int) else 0
         if getattr(args, "run", None) is None:
@@ -96,10 +117,14 @@ def _non_negative(text: str) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Hypha data node: prepare datasets as SafeTensors slices (and, later, serve "
-        "them to workers).",
+        description="Hypha data node: prepare datasets as SafeTensors slices, and serve them to "
+        "workers.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # NOTE: listed for --help only; main() hands `init` and `run` to CLI before parsing.
+    commands.add_parser("init", help="write a commented config file for the node")
+    commands.add_parser("run", help="start the data node: announce the datasets, serve slices "
+                        "(see `run --help`)")
     prepare = commands.add_parser(
         "prepare",
         help="turn a text corpus or labelled images into a dataset of slices",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hypha.config import InvalidSetting, LogSection, NetworkSection, TLSSection, section, setting
-from hypha.messages import Executor, MessageError, Resources
+from hypha.messages import DataSliceRequest, Executor, MessageError, Resources, new_id
 from hypha.worker.resources import parse_size
 
 __all__ = ["JobSection", "SchedulerConfig"]
@@ -32,6 +32,10 @@ class JobSection:
     offer_window: float = setting(0.5, "seconds to collect offers after an advertisement")
     settings: list[str] = setting(
         [], "job configuration handed to the executor, as KEY=VALUE items", metavar="KEY=VALUE")
+    dataset: str | None = setting(
+        None, "dataset the job trains on, as a data node announces it; the scheduler hands its "
+        "slices out to the workers (leave unset for a job without data)", example="books")
+    data_seed: int = setting(0, "seed of the per-epoch shuffle of the dataset's slices")
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -51,6 +55,13 @@ class JobSection:
         for i, item in enumerate(self.settings):
             if "=" not in item or not item.split("=", 1)[0]:
                 raise InvalidSetting(f"settings[{i}]", f"expected KEY=VALUE, got {item!r}")
+        if self.dataset is not None:
+            try:
+                DataSliceRequest(job_id=new_id(), dataset=self.dataset)
+            except MessageError as exc:
+                raise InvalidSetting("dataset", exc.problem) from None
+        if self.data_seed < 0:
+            raise InvalidSetting("data_seed", f"must be 0 or more, got {self.data_seed}")
 
     def requirements(self) -> Resources:
         return Resources(cpu=self.cpu, memory=parse_size(self.memory),

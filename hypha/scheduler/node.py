@@ -12,6 +12,16 @@
    the job dispatched there. Hypha's original lists this as future work.
 4. **Watch**: job status and metrics reports arrive over RPC, only from the worker running the
    job. The run ends when every job has finished (exit 0) or one has failed (exit 1).
+5. **Data** (when the job has a ``dataset``): before leasing anyone, find a data node that
+   announces it (``find_providers`` on ``/hypha/dataset/<name>``, again with backoff until one
+   does) and read the dataset's record for its number of slices. Then hand out slices with a
+   :class:`~hypha.data.SliceTracker` (AVAILABLE → ASSIGNED → USED, a new epoch when all are
+   used): ``/hypha/data-slice/1`` assigns the next slice to the job's worker and names the data
+   node to fetch it from, ``/hypha/data-slice-done/1`` marks one used. Only the worker running
+   a job of this scheduler may ask, for that job. A lost worker's slices, and those a job still
+   holds when it ends (the one it prefetched, or all of them when it failed), go back to
+   AVAILABLE, first in line. The job's config carries ``dataset`` and ``scheduler`` (this peer)
+   so that the script knows what to fetch.
 """
 
 from __future__ import annotations
@@ -27,9 +37,15 @@ import trio
 from libp2p.peer.id import ID
 
 import hypha
+from hypha.data.node import NO_SLICE_AVAILABLE, DatasetInfo, dataset_key
+from hypha.data.tracker import NoSliceAvailable, SliceTracker, TrackerError
 from hypha.messages import (
     PROTOCOLS,
     WORKER_TOPIC,
+    DataSliceAssignment,
+    DataSliceDone,
+    DataSliceRecorded,
+    DataSliceRequest,
     DispatchJob,
     Health,
     HealthCheck,
@@ -70,6 +86,13 @@ RPC_TIMEOUT = 10.0
 RENEW_AT = 0.75
 #: Seconds between advertisements while too few workers answer (doubling, capped).
 RETRY = (1.0, 30.0)
+#: Seconds between searches for the dataset's data node while none announces it (doubling,
+#: capped).
+DATA_RETRY = (0.5, 30.0)
+#: Seconds one DHT search may take.
+DHT_TIMEOUT = 30.0
+#: Seconds between refreshes of the dataset's providers once one is known.
+PROVIDER_REFRESH = 60.0
 
 
 @dataclass
@@ -94,7 +117,8 @@ class SchedulerNode:
 
     def __init__(self, net: Network, requirements: Requirements, *, workers: int,
                  lease_ttl: float = 30.0, offer_window: float = 0.5,
-                 job_config: dict[str, str] | None = None, dispatch: bool = True) -> None:
+                 job_config: dict[str, str] | None = None, dispatch: bool = True,
+                 dataset: str | None = None, data_seed: int = 0) -> None:
         self.net = net
         self.requirements = requirements
         self.workers = workers
@@ -110,6 +134,15 @@ class SchedulerNode:
         self.finished = trio.Event()
         self.failed = False
         self.all_leased = trio.Event()
+        self.dataset = dataset
+        self.data_seed = data_seed
+        #: the dataset's slices, once a data node announcing it was found
+        self.tracker: SliceTracker | None = None
+        #: data nodes that announce the dataset (assignments name them in turn)
+        self.providers: list[ID] = []
+        self.dataset_found = trio.Event()
+        self._finding = False
+        self._next_provider = 0
         self._collecting: dict[str, _Collecting] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -119,13 +152,21 @@ class SchedulerNode:
         self.net.serve(PROTOCOLS["job-status"], self._on_status)
         self.net.serve(PROTOCOLS["metrics"], self._on_metrics)
         self.net.serve(PROTOCOLS["health"], self._on_health)
+        self.net.serve(PROTOCOLS["data-slice"], self._on_data_slice)
+        self.net.serve(PROTOCOLS["data-slice-done"], self._on_data_slice_done)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Lease ``workers`` workers, dispatch, and keep everything running until cancelled."""
+        """Find the dataset (if any), lease ``workers`` workers, dispatch, and keep everything
+        running until cancelled."""
         self.serve()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            if self.dataset is not None:
+                # NOTE: before leasing: a worker paid for while no data node serves the data
+                # would only wait.
+                await self.find_dataset()
+                nursery.start_soon(self._refresh_providers)
             await self._fill(self.workers)
 
     async def _fill(self, wanted: int) -> None:
@@ -217,23 +258,37 @@ class SchedulerNode:
                 return
             held.expires = renewed.expires
         self.held.pop(held.offer.lease_id, None)
+        # NOTE: the job's end released its slices already; this catches a slice request that
+        # was answered after the final status (it crossed it on the way).
+        self._release(held.worker, held.job_id, f"job {held.job_id} is over")
 
     async def _dispatch(self, held: Held) -> None:
-        job = JobSpec(id=new_id(), executor=self.requirements.executor, config=self.job_config,
+        config = dict(self.job_config)
+        if self.dataset is not None:
+            config.update(dataset=self.dataset, scheduler=str(self.net.peer_id))
+        job = JobSpec(id=new_id(), executor=self.requirements.executor, config=config,
                       resources=[])
-        with trio.fail_after(RPC_TIMEOUT):
-            reply = await self.net.request(held.worker, PROTOCOLS["dispatch-job"],
-                                           encode(DispatchJob(lease_id=held.offer.lease_id,
-                                                              job=job)))
-        decode(JobAccepted, reply)
-        self.messages["dispatch"] += 1
+        # NOTE: the job id is recorded before the worker answers: the job starts at once and
+        # its first status report or slice request may arrive before the JobAccepted reply.
         held.job_id = job.id
-        held.state = "dispatched"
+        try:
+            with trio.fail_after(RPC_TIMEOUT):
+                reply = await self.net.request(held.worker, PROTOCOLS["dispatch-job"],
+                                               encode(DispatchJob(lease_id=held.offer.lease_id,
+                                                                  job=job)))
+            decode(JobAccepted, reply)
+        except BaseException:
+            held.job_id = None
+            raise
+        self.messages["dispatch"] += 1
+        if held.state == "leased":  # a fast job may have reported its end already
+            held.state = "dispatched"
         log.info("job %s dispatched to %s", job.id, held.worker)
 
     async def _lose(self, held: Held, reason: str) -> None:
         log.warning("lost worker %s (%s); finding a replacement", held.worker, reason)
         self.held.pop(held.offer.lease_id, None)
+        self._release(held.worker, None, "the worker was lost")
         self.lost.add(str(held.worker))
         self.all_leased = trio.Event()
         await self._fill(1)
@@ -267,6 +322,7 @@ class SchedulerNode:
                  f" ({status.message})" if status.message else "")
         if status.state in ("finished", "failed", "stopped"):
             held.state = "finished" if status.state == "finished" else "failed"
+            self._release(peer, status.job_id, f"job {status.job_id} {status.state}")
             self.failed |= status.state != "finished"
             done = [h for h in self.held.values() if h.state in ("finished", "failed")]
             if len(done) >= self.workers or self.failed:
@@ -284,6 +340,108 @@ class SchedulerNode:
         _decode(HealthCheck, data)
         return encode(Health(status="ok", role="scheduler", version=hypha.__version__,
                              uptime=time.monotonic()))
+
+    # -- data slices -------------------------------------------------------------------------------
+    async def find_dataset(self) -> SliceTracker:
+        """Look for data nodes announcing the dataset until one does; build the tracker.
+        (A second caller waits for the first one's search.)"""
+        assert self.dataset is not None
+        if self._finding:
+            await self.dataset_found.wait()
+        self._finding = True
+        delay, cap = DATA_RETRY
+        while self.tracker is None:
+            try:
+                providers, info = await self._lookup(self.dataset)
+            except (ConnectionError, ValueError, trio.TooSlowError) as exc:
+                providers, info = [], None
+                log.warning("looking up dataset %s failed: %s", self.dataset, exc)
+            if providers and info is not None:
+                self.providers = providers
+                self.tracker = SliceTracker(self.dataset, info.num_slices, seed=self.data_seed)
+                self.dataset_found.set()
+                log.info("dataset %s: %d slices (%s), served by %s", self.dataset,
+                         info.num_slices, info.kind, ", ".join(map(str, providers)))
+                break
+            log.info("no data node announces dataset %s yet; looking again in %.1f s",
+                     self.dataset, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, cap)
+        return self.tracker
+
+    async def _lookup(self, name: str) -> tuple[list[ID], DatasetInfo | None]:
+        key = dataset_key(name)
+        with trio.fail_after(DHT_TIMEOUT):
+            found = await self.net.find_providers(key)
+            providers = list(dict.fromkeys(p.peer_id for p in found
+                                           if p.peer_id != self.net.peer_id))
+            record = await self.net.get(key) if providers else None
+        return providers, None if record is None else DatasetInfo.from_bytes(record, name=name)
+
+    async def _refresh_providers(self) -> None:
+        assert self.dataset is not None
+        while True:
+            await trio.sleep(PROVIDER_REFRESH)
+            try:
+                providers, _ = await self._lookup(self.dataset)
+            except (ConnectionError, ValueError, trio.TooSlowError) as exc:
+                log.warning("refreshing the data nodes of %s failed: %s", self.dataset, exc)
+                continue
+            if providers and providers != self.providers:
+                log.info("dataset %s is now served by %s", self.dataset,
+                         ", ".join(map(str, providers)))
+                self.providers = providers
+
+    def _tracker_for(self, peer: ID, job_id: str, dataset: str) -> SliceTracker:
+        """The tracker of ``dataset``, once ``peer`` is shown to run job ``job_id`` for us."""
+        if not any(h.worker == peer and h.job_id == job_id
+                   and h.state not in ("finished", "failed") for h in self.held.values()):
+            raise RequestRejected(f"job {job_id} is not yours (or no longer runs)")
+        if self.dataset is None:
+            raise RequestRejected("this scheduler's job uses no dataset")
+        if dataset != self.dataset:
+            raise RequestRejected(f"this scheduler's job uses dataset {self.dataset!r}, not "
+                                  f"{dataset!r}")
+        if self.tracker is None:
+            raise RequestRejected(f"{NO_SLICE_AVAILABLE}: no data node serving {dataset!r} "
+                                  "has been found yet")
+        return self.tracker
+
+    async def _on_data_slice(self, peer: ID, data: bytes) -> bytes:
+        request = _decode(DataSliceRequest, data)
+        tracker = self._tracker_for(peer, request.job_id, request.dataset)
+        try:
+            index, epoch = tracker.assign(str(peer), job=request.job_id)
+        except NoSliceAvailable as exc:
+            raise RequestRejected(f"{NO_SLICE_AVAILABLE}: {exc}") from None
+        except TrackerError as exc:
+            raise RequestRejected(str(exc)) from None
+        provider = self.providers[self._next_provider % len(self.providers)]
+        self._next_provider += 1
+        self.messages["slice assigned"] += 1
+        log.info("slice %d of %s (epoch %d) to job %s on %s, from %s", index, request.dataset,
+                 epoch, request.job_id, peer, provider)
+        return encode(DataSliceAssignment(dataset=request.dataset, slice=index, epoch=epoch,
+                                          provider=str(provider)))
+
+    async def _on_data_slice_done(self, peer: ID, data: bytes) -> bytes:
+        report = _decode(DataSliceDone, data)
+        tracker = self._tracker_for(peer, report.job_id, report.dataset)
+        try:
+            tracker.done(str(peer), report.slice, report.epoch)
+        except TrackerError as exc:
+            raise RequestRejected(str(exc)) from None
+        self.messages["slice used"] += 1
+        return encode(DataSliceRecorded(dataset=report.dataset, slice=report.slice))
+
+    def _release(self, worker: ID, job_id: str | None, why: str) -> None:
+        """Give ``worker``'s slices (only ``job_id``'s, if given) back to AVAILABLE."""
+        if self.tracker is None:
+            return
+        freed = self.tracker.release_worker(str(worker), job=job_id)
+        if freed:
+            log.info("%s: slice(s) %s of %s are available again", why,
+                     ", ".join(map(str, freed)), self.tracker.dataset)
 
 
 def _decode(kind: Any, data: bytes) -> Any:
@@ -308,7 +466,8 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
         return 2
     async with open_network(settings) as net:
         node = SchedulerNode(net, requirements, workers=job.workers, lease_ttl=job.lease_ttl,
-                             offer_window=job.offer_window, job_config=job.job_config())
+                             offer_window=job.offer_window, job_config=job.job_config(),
+                             dataset=job.dataset, data_seed=job.data_seed)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             task_status.started(node)

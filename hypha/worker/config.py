@@ -190,6 +190,15 @@ class JobsSection:
         "seconds to collect advertisements after the first one before answering, so that the "
         "best of several schedulers' requests wins",
     )
+    prefetch: bool = setting(
+        True, "download a job's next data slice while it trains on the current one"
+    )
+    fetch_dirs: list[Path] = setting(
+        [],
+        "directories outside the work directory that jobs may fetch local files from (source "
+        "\"path\" with an absolute path)",
+        metavar="DIR",
+    )
 
     def validate(self) -> None:
         if not (math.isfinite(self.offer_ttl) and self.offer_ttl > 0):

@@ -5,13 +5,22 @@ through the executor it asked for, and every state change (starting, running, fi
 stopped) goes back to the scheduler that dispatched it (``/hypha/job-status/1``). Jobs are stopped
 when their lease expires, when the scheduler asks, or when the worker shuts down; the work
 directory is removed afterwards unless ``keep_work_dirs``.
+
+Each job's bridge talks to the network through its own
+:class:`~hypha.executors.network.NetworkBackend` (data slices from the job's scheduler and the
+data nodes, files to and from peers); the manager installs the worker's one
+:class:`~hypha.executors.network.StreamRouter`, which hands every incoming tensor stream to the
+job it is for. A job's final state (finished, failed, stopped) is reported only after its
+backend has told the scheduler which slices the job used, so that the scheduler, which gives a
+job's remaining slices back when it ends, never takes back a slice that was trained on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +28,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
+from hypha.executors.network import NetworkBackend, StreamRouter
 from hypha.executors.process import JobStatus as ExecutorStatus
 from hypha.executors.process import ProcessExecutor
 from hypha.executors.workspace import JobWorkspace, WorkspaceError
@@ -49,17 +59,25 @@ class JobManager:
     """Runs jobs through executors and reports their status to their schedulers."""
 
     def __init__(self, net: Network, executors: Mapping[Executor, ProcessExecutor], *,
-                 work_dir: Path, keep_work_dirs: bool = False) -> None:
+                 work_dir: Path, keep_work_dirs: bool = False, prefetch: bool = True,
+                 fetch_dirs: Iterable[Path] = ()) -> None:
         self.net = net
         self.executors = dict(executors)
         self.work_dir = Path(work_dir)
         self.keep_work_dirs = keep_work_dirs
+        self.prefetch = prefetch
+        self.fetch_dirs = tuple(fetch_dirs)
+        self.router = StreamRouter()
+        #: what the jobs' backends did, summed over jobs: "slices fetched", "slices
+        #: prefetched", "prefetch used", "files sent", "files received"
+        self.data_counts: Counter[str] = Counter()
         self._jobs: dict[str, _Job] = {}
         self._nursery: trio.Nursery | None = None
         self._send, self._receive = trio.open_memory_channel[tuple[ID, JobStatus]](STATUS_QUEUE)
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self.router.install(self.net)
         nursery.start_soon(self._report_statuses)
 
     # -- dispatch / stop ---------------------------------------------------------------------------
@@ -119,15 +137,36 @@ class JobManager:
             "worker": str(self.net.peer_id),
         }
 
-        def on_status(status: ExecutorStatus) -> None:
-            self._queue(job, status)
+        final: list[ExecutorStatus] = []
 
+        def on_status(status: ExecutorStatus) -> None:
+            if status.state in ("finished", "failed", "stopped"):
+                final.append(status)  # reported once the backend has settled the slices
+            else:
+                self._queue(job, status)
+
+        assert self._nursery is not None
         try:
             with job.scope:
-                await executor.run(spec, work_dir, on_status)
-        except Exception as exc:  # the executor reported `failed` already
+                backend = NetworkBackend(self.net, self.router, job_id=job.spec.id,
+                                         scheduler=job.scheduler, work_dir=work_dir,
+                                         allowed_dirs=self.fetch_dirs, prefetch=self.prefetch,
+                                         counts=self.data_counts)
+                await self._nursery.start(backend.run)
+                try:
+                    result = await executor.run(spec, work_dir, on_status, backend=backend)
+                    if result.state == "finished":
+                        await backend.finish()
+                finally:
+                    await backend.aclose()
+        except Exception as exc:
             log.error("job %s failed: %s", job.spec.id, exc)
+            if not final:  # failed before the executor could report it
+                final.append(ExecutorStatus(job.spec.id, "failed",
+                                            message=f"{type(exc).__name__}: {exc}"))
         finally:
+            for status in final:
+                self._queue(job, status)
             self._jobs.pop(job.spec.id, None)
             try:
                 job.workspace.cleanup()

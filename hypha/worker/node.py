@@ -11,7 +11,9 @@
   or stop its jobs. One task sleeps until the next expiry: an expired lease frees its resources
   and stops the jobs running under it.
 - **Jobs**: ``/hypha/dispatch-job/1`` starts a job under an accepted lease through the
-  :class:`~hypha.worker.jobs.JobManager`, which reports every state change back to the scheduler.
+  :class:`~hypha.worker.jobs.JobManager`, which reports every state change back to the scheduler
+  and gives each job's bridge a network backend: data slices (prefetched one ahead), files to
+  and from peers. The manager's stream router is the worker's one tensor-stream handler.
 """
 
 from __future__ import annotations
@@ -213,6 +215,9 @@ async def run(config: WorkerConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
                              "least one gateway (…/p2p/<peer id>) to find schedulers")
         if not executors:
             raise ValueError("executor.command is empty: this worker would offer no executor")
+        for directory in config.jobs.fetch_dirs:
+            if not directory.is_dir():
+                raise ValueError(f"jobs.fetch_dirs: {directory} is not a directory")
         resources = apply_overrides(detect(config.jobs.work_dir, config.resources.gpu),
                                     config.resources)
         settings = settings_from_sections(config.network, config.tls, reload_on_sighup=True)
@@ -227,7 +232,8 @@ async def run(config: WorkerConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
         arbiter = Arbiter(resources, executors, config.pricing.to_pricing(),
                           worker_id=str(net.peer_id), offer_ttl=config.jobs.offer_ttl)
         jobs = JobManager(net, dict.fromkeys(executors, process), work_dir=config.jobs.work_dir,
-                          keep_work_dirs=config.jobs.keep_work_dirs)
+                          keep_work_dirs=config.jobs.keep_work_dirs,
+                          prefetch=config.jobs.prefetch, fetch_dirs=config.jobs.fetch_dirs)
         node = WorkerNode(net, arbiter, jobs, batch_window=config.jobs.batch_window,
                           version=hypha.__version__)
         async with trio.open_nursery() as nursery:

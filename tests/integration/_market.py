@@ -1,4 +1,5 @@
-"""In-process market participants for tests and bench/alloc.py: a hub, workers, schedulers."""
+"""In-process market participants for tests and bench/alloc.py: a hub, workers, schedulers and
+data nodes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import trio
 
+from hypha.data.node import DataNode
+from hypha.data.slices import Dataset
 from hypha.executors.process import ProcessExecutor
 from hypha.messages import GIB, Executor, Resources
 from hypha.net import Network, open_network
@@ -44,14 +47,15 @@ async def start_hub(stack: AsyncExitStack, pki: PKI) -> Network:
 async def start_worker(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, hub: Network,
                        name: str, pricing: Pricing, *, resources: Resources = MACHINE,
                        command: list[str] | None = None, work_dir: Path,
-                       offer_ttl: float = 5.0, batch_window: float = 0.05) -> Worker:
+                       offer_ttl: float = 5.0, batch_window: float = 0.05,
+                       prefetch: bool = True) -> Worker:
     _, files = pki.node(name)
     net = await stack.enter_async_context(
         open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
     arbiter = Arbiter(resources, [TRAIN], pricing, worker_id=str(net.peer_id),
                       offer_ttl=offer_ttl)
     jobs = JobManager(net, {TRAIN: ProcessExecutor(command or SLEEPER, grace_period=2)},
-                      work_dir=work_dir / name)
+                      work_dir=work_dir / name, prefetch=prefetch)
     node = WorkerNode(net, arbiter, jobs, batch_window=batch_window)
     scope = trio.CancelScope()
 
@@ -66,13 +70,28 @@ async def start_worker(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, h
 async def start_scheduler(stack: AsyncExitStack, pki: PKI, hub: Network, name: str, *,
                           workers: int, bid: float, max_price: float,
                           resources: Resources = SMALL, lease_ttl: float = 30.0,
-                          offer_window: float = 0.5, dispatch: bool = True
-                          ) -> SchedulerNode:
+                          offer_window: float = 0.5, dispatch: bool = True,
+                          dataset: str | None = None) -> SchedulerNode:
     _, files = pki.node(name)
     net = await stack.enter_async_context(
         open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
     return SchedulerNode(net, Requirements(resources, TRAIN, bid, max_price), workers=workers,
-                         lease_ttl=lease_ttl, offer_window=offer_window, dispatch=dispatch)
+                         lease_ttl=lease_ttl, offer_window=offer_window, dispatch=dispatch,
+                         dataset=dataset)
+
+
+async def start_data_node(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, hub: Network,
+                          name: str, datasets: list[Path], *, max_transfers: int = 4
+                          ) -> DataNode:
+    """A data node serving the prepared ``datasets``; it announces them in the background
+    (``node.announced``)."""
+    _, files = pki.node(name)
+    net = await stack.enter_async_context(
+        open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
+    node = DataNode(net, [Dataset.open(path) for path in datasets],
+                    max_transfers=max_transfers)
+    await nursery.start(node.run)
+    return node
 
 
 async def wait_connected(*nets: Network, hub: Network) -> None:

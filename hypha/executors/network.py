@@ -1,0 +1,642 @@
+"""The job bridge's backend on the Hypha network: data slices, files between peers, local files.
+
+One :class:`NetworkBackend` per job, built by the worker's job manager; one :class:`StreamRouter`
+per worker, installed as the network's only tensor-stream handler.
+
+``fetch`` (``POST /resources/fetch``):
+
+* ``source="data"`` without ``slice``: the job's next slice. The backend asks the job's scheduler
+  (``/hypha/data-slice/1``), which assigns one and names the data node serving it; asks that
+  node for it (``/hypha/data-fetch/1``), receives the tensor stream ``slice:<dataset>:<n>``,
+  writes it atomically at ``dest`` and checks its size and SHA-256 against the node's answer
+  and the stream's meta. While every slice of the epoch is handed out, it asks again with
+  backoff until one is free (the script's request waits). Slices of one dataset are fetched one
+  at a time per job.
+* ``source="data"`` with ``slice``: that slice, from a data node found in the DHT, outside the
+  scheduler's bookkeeping (evaluation data, a slice to look at).
+* ``source="path"``: a local file, as :class:`~hypha.executors.LocalBackend` does it.
+* ``source="peer"``: refused with 501; peers push files instead (``send``/``receive``).
+
+**When a slice counts as used.** The scheduler marks a slice USED when the job is done with it,
+which the job says by asking for its next slice of that dataset, or by finishing (exit 0):
+:meth:`NetworkBackend.finish` then reports the slices it was handed. A job that fails or is
+stopped reports nothing, and the scheduler gives its slices back to AVAILABLE when it learns of
+the job's end, as it does for a worker it lost: a slice is never counted as trained on by a job
+that did not get through it.
+
+**Prefetch.** After each slice it hands over, the backend asks for the next one at once and
+downloads it into ``.hypha/prefetch/`` (the worker's part of the work directory), one slice
+ahead at most. The next fetch waits for that download instead of starting one, and copies the
+file into place. A prefetch that fails, or finds no slice free, leaves nothing behind: the next
+fetch does the work itself (a slice assigned but not downloaded is fetched first).
+
+``send`` (``POST /resources/send``) opens a tensor stream ``file:<scheduler>:<name>`` (meta
+``{"job", "size"}``) to each peer, with the strategies of :func:`~hypha.executors.deliver`.
+On the receiving worker the router hands it to a job of the same scheduler (jobs of one run
+exchange files; a job id is not known to other workers), which writes it under ``incoming/``
+and yields it from ``incoming()`` (``POST /resources/receive``). The sender is a peer with a
+certificate of the network's CA; what it claims in the meta is not checked further. Every file
+is bounded by :data:`MAX_FILE_BYTES` and every job by a queue of files waiting to be received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, cast
+
+import trio
+from libp2p.peer.id import ID
+
+from hypha.data.node import NO_SLICE_AVAILABLE, dataset_key, slice_stream
+from hypha.executors._paths import PathRefused
+from hypha.executors.bridge import (
+    PRIVATE_DIR,
+    BridgeError,
+    FetchRequest,
+    IncomingFile,
+    deliver,
+    incoming_destination,
+    read_chunks,
+    write_chunks,
+)
+from hypha.executors.local import LocalBackend
+from hypha.messages import (
+    PROTOCOLS,
+    DataSliceAssignment,
+    DataSliceDone,
+    DataSliceRecorded,
+    DataSliceRequest,
+    FetchSlice,
+    MessageError,
+    SliceComing,
+    decode,
+    encode,
+)
+from hypha.net import (
+    DialError,
+    IncomingTensorStream,
+    Network,
+    NetworkClosed,
+    RemoteError,
+    RPCError,
+    TensorStreamError,
+)
+
+__all__ = [
+    "FILE_PREFIX",
+    "MAX_FILE_BYTES",
+    "MAX_SLICE_BYTES",
+    "SLICE_PREFIX",
+    "NetworkBackend",
+    "StreamRouter",
+    "file_stream",
+]
+
+log = logging.getLogger(__name__)
+
+#: Tensor streams carrying data slices are named ``slice:<dataset>:<n>``.
+SLICE_PREFIX: Final = "slice:"
+#: Tensor streams carrying files between jobs are named ``file:<scheduler>:<name>``.
+FILE_PREFIX: Final = "file:"
+#: The largest slice a worker accepts.
+MAX_SLICE_BYTES: Final = 16 << 30
+#: The largest file a job accepts from a peer.
+MAX_FILE_BYTES: Final = 16 << 30
+#: Seconds an RPC (to the scheduler or a data node) may take.
+RPC_TIMEOUT: Final = 10.0
+#: Seconds a data node may take to start the stream it announced (it may be busy with others).
+STREAM_START_TIMEOUT: Final = 120.0
+#: Seconds a stream may stall between two chunks.
+IDLE_TIMEOUT: Final = 60.0
+#: Seconds to open a stream to a peer a file is sent to.
+CONNECT_TIMEOUT: Final = 30.0
+#: Attempts at one slice's transfer before the fetch fails (502).
+TRANSFER_ATTEMPTS: Final = 3
+#: Seconds between asking for a slice again while none is available (doubling, capped).
+SLICE_RETRY: Final = (0.5, 10.0)
+#: Files received at once per job; more senders wait (their streams stall).
+MAX_RECEIVING: Final = 4
+#: Bytes read from a file per chunk that is sent.
+SEND_CHUNK: Final = 4 << 20
+_PREFETCH_DIR: Final = "prefetch"
+
+
+def file_stream(scheduler: str, name: str) -> str:
+    """The name of the tensor stream that carries file ``name`` to the jobs of ``scheduler``."""
+    return f"{FILE_PREFIX}{scheduler}:{name}"
+
+
+class _TransferFailed(Exception):
+    """One attempt at a slice's transfer failed; another may succeed."""
+
+
+class _NoSliceYet(Exception):
+    """The scheduler has no slice free now."""
+
+
+# ------------------------------------------------------------------------------------------------
+# routing incoming streams
+
+
+class _Expected:
+    """A fetch waiting for one tensor stream."""
+
+    def __init__(self) -> None:
+        self._arrived = trio.Event()
+        self.released = trio.Event()
+        self._stream: IncomingTensorStream | None = None
+
+    def hand(self, stream: IncomingTensorStream) -> None:
+        self._stream = stream
+        self._arrived.set()
+
+    async def wait(self) -> IncomingTensorStream:
+        await self._arrived.wait()
+        assert self._stream is not None
+        return self._stream
+
+
+class StreamRouter:
+    """The worker's one tensor-stream handler: each incoming stream goes to whoever awaits it.
+
+    * ``slice:...`` streams go to a fetch that registered, with :meth:`expect`, exactly that name
+      from exactly that peer (the data node it asked); a slice nobody asked for is refused.
+    * ``file:<scheduler>:<name>`` streams go to a job of ``scheduler`` running here (the first
+      one to have registered, when there are several); none running: refused.
+    * Anything else is refused.
+    """
+
+    def __init__(self) -> None:
+        self._expected: dict[tuple[str, str], deque[_Expected]] = {}
+        self._receivers: dict[str, list[NetworkBackend]] = {}
+        self.refused = 0
+
+    def install(self, net: Network) -> None:
+        net.on_tensor_stream(self.handle)
+
+    @contextmanager
+    def expect(self, peer: ID, name: str) -> Iterator[_Expected]:
+        """Register for the stream ``name`` from ``peer``; the stream is the caller's to read
+        until the ``with`` ends (then the sender learns whether it was read to its end)."""
+        key = (str(peer), name)
+        expected = _Expected()
+        self._expected.setdefault(key, deque()).append(expected)
+        try:
+            yield expected
+        finally:
+            waiting = self._expected.get(key)
+            if waiting is not None and expected in waiting:
+                waiting.remove(expected)
+                if not waiting:
+                    del self._expected[key]
+            expected.released.set()
+
+    def add_receiver(self, scheduler: str, backend: NetworkBackend) -> None:
+        self._receivers.setdefault(scheduler, []).append(backend)
+
+    def remove_receiver(self, scheduler: str, backend: NetworkBackend) -> None:
+        receivers = self._receivers.get(scheduler, [])
+        if backend in receivers:
+            receivers.remove(backend)
+        if not receivers:
+            self._receivers.pop(scheduler, None)
+
+    async def handle(self, incoming: IncomingTensorStream) -> None:
+        name = incoming.name
+        if name.startswith(SLICE_PREFIX):
+            waiting = self._expected.get((str(incoming.peer), name))
+            if not waiting:
+                await self._refuse(incoming, f"no fetch of {name!r} from you is waiting here")
+                return
+            expected = waiting.popleft()
+            if not waiting:
+                del self._expected[(str(incoming.peer), name)]
+            expected.hand(incoming)
+            await expected.released.wait()
+        elif name.startswith(FILE_PREFIX):
+            scheduler, _, file_name = name[len(FILE_PREFIX):].partition(":")
+            receivers = self._receivers.get(scheduler)
+            if not receivers or not file_name:
+                await self._refuse(incoming, f"no job of scheduler {scheduler!r} runs on this "
+                                   "worker")
+                return
+            await receivers[0]._accept(incoming, file_name)
+        else:
+            await self._refuse(incoming, f"this worker takes no tensor stream named {name!r}")
+
+    async def _refuse(self, incoming: IncomingTensorStream, reason: str) -> None:
+        self.refused += 1
+        log.warning("refused tensor stream %r from %s: %s", incoming.name, incoming.peer, reason)
+        await incoming.refuse(reason)
+
+
+# ------------------------------------------------------------------------------------------------
+# the backend
+
+
+@dataclass(frozen=True)
+class _Slice:
+    dataset: str
+    index: int
+    epoch: int | None  #: None: outside the scheduler's bookkeeping
+    provider: ID
+
+
+@dataclass
+class _Ahead:
+    """A prefetch: its assignment once the scheduler gave one, its file once downloaded."""
+
+    assignment: _Slice | None = None
+    path: Path | None = None
+    size: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class _Feed:
+    """One dataset's slices for one job."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    delivered: list[_Slice] = field(default_factory=list)  #: handed over, not reported used
+    pending: _Slice | None = None  #: assigned to us, not handed over (a transfer failed)
+    ahead: _Ahead | None = None
+
+
+class NetworkBackend:
+    """A :class:`~hypha.executors.bridge.BridgeBackend` for job ``job_id``, dispatched by
+    ``scheduler``, in ``work_dir``; see the module doc.
+
+    Start it with ``await nursery.start(backend.run)`` (prefetches run there, and received files
+    are routed to it while it runs); ``await backend.finish()`` when the job exited 0;
+    ``await backend.aclose()`` when the job is over. ``counts`` (shared by the worker's jobs)
+    counts ``slices fetched``, ``slices prefetched``, ``prefetch used``, ``files sent`` and
+    ``files received``.
+    """
+
+    def __init__(self, net: Network, router: StreamRouter, *, job_id: str, scheduler: ID,
+                 work_dir: Path, allowed_dirs: Iterable[Path] = (), prefetch: bool = True,
+                 queue_size: int = 64, counts: Counter[str] | None = None) -> None:
+        self.net = net
+        self.router = router
+        self.job_id = job_id
+        self.scheduler = scheduler
+        self.work_dir = Path(work_dir).resolve(strict=True)
+        self.prefetch = prefetch
+        self.counts: Counter[str] = counts if counts is not None else Counter()
+        self._local = LocalBackend(self.work_dir, allowed_dirs=allowed_dirs)
+        self._feeds: dict[str, _Feed] = {}
+        self._providers: dict[str, ID] = {}
+        self._inbox, self._outbox = trio.open_memory_channel[IncomingFile](queue_size)
+        self._receiving = trio.Semaphore(MAX_RECEIVING)
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._started = False
+        self._stopped = trio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Route this job's files to it and host its prefetches, until :meth:`aclose`."""
+        self._started = True
+        self.router.add_receiver(str(self.scheduler), self)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.router.remove_receiver(str(self.scheduler), self)
+            self._inbox.close()
+            self._local.close()
+            for feed in self._feeds.values():
+                if feed.ahead is not None and feed.ahead.path is not None:
+                    _unlink_quietly(feed.ahead.path)
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Stop prefetching and receiving; returns once :meth:`run` has cleaned up."""
+        self._scope.cancel()
+        if self._started:
+            with trio.CancelScope(shield=True):
+                await self._stopped.wait()
+
+    async def finish(self) -> None:
+        """The job exited 0: report the slices it was handed as used."""
+        for feed in self._feeds.values():
+            async with feed.lock:
+                await self._report_used(feed)
+
+    # -- fetch ------------------------------------------------------------------------------------------
+    async def fetch(self, request: FetchRequest, dest: Path) -> int:
+        if request.source == "path":
+            return await self._local.fetch(request, dest)
+        if request.source == "peer":
+            raise BridgeError(501, "fetching a file from a peer is not offered by this worker: "
+                                   "have the peer send it (POST /resources/send) and take it "
+                                   "from POST /resources/receive")
+        assert request.dataset is not None  # FetchRequest checks it
+        try:
+            FetchSlice(dataset=request.dataset, slice=request.slice or 0)
+        except MessageError as exc:
+            raise BridgeError(400, f"dataset {request.dataset!r} is not a dataset name: "
+                                   f"{exc.problem}") from None
+        if request.slice is not None:
+            provider = await self._provider_of(request.dataset)
+            return await self._transfer(_Slice(request.dataset, request.slice, None, provider),
+                                        dest)
+        return await self._fetch_next(request.dataset, dest)
+
+    async def _fetch_next(self, dataset: str, dest: Path) -> int:
+        feed = self._feeds.setdefault(dataset, _Feed())
+        async with feed.lock:
+            await self._report_used(feed)
+            ahead = await self._take_ahead(feed)
+            if ahead is not None:
+                assert ahead.path is not None and ahead.assignment is not None
+                try:
+                    async with aclosing(_reading(ahead.path)) as chunks:
+                        # NOTE: a copy, not a rename: write_chunks is what writes at a path the
+                        # script controls without following symlinks; a slice is a few MiB.
+                        _, size = await write_chunks(dest, chunks)
+                except BaseException:
+                    feed.ahead = ahead  # still complete: the next fetch tries it again
+                    raise
+                _unlink_quietly(ahead.path)
+                slice_ = ahead.assignment
+                self.counts["prefetch used"] += 1
+            else:
+                if feed.pending is None:
+                    feed.pending = await self._assign(dataset, wait=True)
+                slice_ = feed.pending
+                size = await self._transfer(slice_, dest)
+                feed.pending = None
+            feed.delivered.append(slice_)
+            self.counts["slices fetched"] += 1
+            log.info("job %s: slice %d of %s (epoch %s, %d bytes) handed over", self.job_id,
+                     slice_.index, dataset, slice_.epoch, size)
+            if self.prefetch and self._nursery is not None:
+                feed.ahead = _Ahead()
+                self._nursery.start_soon(self._prefetch, dataset, feed.ahead)
+            return size
+
+    async def _take_ahead(self, feed: _Feed) -> _Ahead | None:
+        """The prefetched slice, once its download ended, if it succeeded."""
+        ahead = feed.ahead
+        if ahead is None:
+            return None
+        await ahead.done.wait()
+        feed.ahead = None
+        if ahead.path is not None:
+            return ahead
+        if ahead.assignment is not None:
+            feed.pending = ahead.assignment  # assigned but not downloaded: fetch it now
+        return None
+
+    async def _prefetch(self, dataset: str, ahead: _Ahead) -> None:
+        try:
+            ahead.assignment = await self._assign(dataset, wait=False)
+            dest = self._prefetch_path(ahead.assignment)
+            ahead.size = await self._transfer(ahead.assignment, dest)
+            ahead.path = dest
+            self.counts["slices prefetched"] += 1
+        except _NoSliceYet:
+            log.debug("job %s: no slice of %s free to prefetch", self.job_id, dataset)
+        except Exception as exc:
+            # NOTE: any failure of a prefetch is tolerated, and decided here: the next fetch
+            # does the work in the foreground and reports what goes wrong to the script.
+            log.info("job %s: prefetching a slice of %s failed: %s", self.job_id, dataset,
+                     getattr(exc, "message", exc))
+        finally:
+            ahead.done.set()
+
+    def _prefetch_path(self, slice_: _Slice) -> Path:
+        return self.work_dir / PRIVATE_DIR / _PREFETCH_DIR / \
+            f"{slice_.dataset}-{slice_.index:05d}.safetensors"
+
+    async def _report_used(self, feed: _Feed) -> None:
+        while feed.delivered:
+            slice_ = feed.delivered.pop(0)
+            assert slice_.epoch is not None
+            try:
+                with trio.fail_after(RPC_TIMEOUT):
+                    reply = await self.net.request(
+                        self.scheduler, PROTOCOLS["data-slice-done"],
+                        encode(DataSliceDone(job_id=self.job_id, dataset=slice_.dataset,
+                                             slice=slice_.index, epoch=slice_.epoch)))
+                decode(DataSliceRecorded, reply)
+            except (RPCError, DialError, NetworkClosed, MessageError, trio.TooSlowError) as exc:
+                # NOTE: not fatal to the job: the scheduler gives the slice to someone else
+                # (it released it, or will when it gives up on this worker).
+                log.warning("job %s: could not report slice %d of %s used: %s", self.job_id,
+                            slice_.index, slice_.dataset, exc)
+
+    async def _assign(self, dataset: str, *, wait: bool) -> _Slice:
+        """The scheduler's next slice for this job; with ``wait``, asks again while none is free."""
+        delay, cap = SLICE_RETRY
+        while True:
+            try:
+                with trio.fail_after(RPC_TIMEOUT):
+                    reply = await self.net.request(
+                        self.scheduler, PROTOCOLS["data-slice"],
+                        encode(DataSliceRequest(job_id=self.job_id, dataset=dataset)))
+                assignment = decode(DataSliceAssignment, reply)
+                if assignment.dataset != dataset:
+                    raise BridgeError(502, f"the scheduler assigned a slice of "
+                                           f"{assignment.dataset!r}, not of {dataset!r}")
+                return _Slice(dataset, assignment.slice, assignment.epoch,
+                              ID.from_base58(assignment.provider))
+            except RemoteError as exc:
+                if NO_SLICE_AVAILABLE not in str(exc):
+                    raise BridgeError(502, f"the scheduler refused a slice of {dataset!r}: "
+                                           f"{exc}") from None
+                if not wait:
+                    raise _NoSliceYet(str(exc)) from None
+                log.info("job %s: %s; asking again in %.1f s", self.job_id, exc, delay)
+            except (RPCError, DialError, NetworkClosed, MessageError, ValueError,
+                    trio.TooSlowError) as exc:
+                raise BridgeError(502, f"could not get a slice of {dataset!r} from the scheduler "
+                                       f"{self.scheduler}: {exc}") from None
+            await trio.sleep(delay)
+            delay = min(delay * 2, cap)
+
+    async def _provider_of(self, dataset: str) -> ID:
+        provider = self._providers.get(dataset)
+        if provider is None:
+            try:
+                with trio.fail_after(RPC_TIMEOUT):
+                    found = await self.net.find_providers(dataset_key(dataset))
+            except (ConnectionError, ValueError, trio.TooSlowError) as exc:
+                raise BridgeError(502, f"looking up the data nodes of {dataset!r} failed: {exc}"
+                                  ) from None
+            others = [p.peer_id for p in found if p.peer_id != self.net.peer_id]
+            if not others:
+                raise BridgeError(404, f"no data node announces dataset {dataset!r}")
+            provider = self._providers[dataset] = others[0]
+        return provider
+
+    async def _transfer(self, slice_: _Slice, dest: Path) -> int:
+        """Download ``slice_`` to ``dest``, trying again a few times; BridgeError(502) when it
+        cannot."""
+        reason = ""
+        for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+            try:
+                return await self._transfer_once(slice_, dest)
+            except _TransferFailed as exc:
+                reason = str(exc)
+                log.warning("job %s: slice %d of %s from %s, attempt %d of %d: %s", self.job_id,
+                            slice_.index, slice_.dataset, slice_.provider, attempt,
+                            TRANSFER_ATTEMPTS, reason)
+            if attempt < TRANSFER_ATTEMPTS:
+                await trio.sleep(0.5 * attempt)
+        raise BridgeError(502, f"slice {slice_.index} of {slice_.dataset!r} could not be fetched "
+                               f"from the data node {slice_.provider}: {reason}")
+
+    async def _transfer_once(self, slice_: _Slice, dest: Path) -> int:
+        name = slice_stream(slice_.dataset, slice_.index)
+        with self.router.expect(slice_.provider, name) as expected:
+            try:
+                with trio.fail_after(RPC_TIMEOUT):
+                    reply = await self.net.request(
+                        slice_.provider, PROTOCOLS["data-fetch"],
+                        encode(FetchSlice(dataset=slice_.dataset, slice=slice_.index)))
+                coming = decode(SliceComing, reply)
+            except (RPCError, DialError, NetworkClosed, MessageError, trio.TooSlowError) as exc:
+                raise _TransferFailed(f"asking for it failed: {exc}") from None
+            if (coming.dataset, coming.slice, coming.stream) != (slice_.dataset, slice_.index,
+                                                                 name):
+                raise _TransferFailed(f"the data node announced {coming.stream!r} (slice "
+                                      f"{coming.slice} of {coming.dataset!r}) instead of {name!r}")
+            if coming.size > MAX_SLICE_BYTES:
+                raise _TransferFailed(f"the data node announced {coming.size} bytes, over the "
+                                      f"{MAX_SLICE_BYTES}-byte limit")
+            try:
+                with trio.fail_after(STREAM_START_TIMEOUT):
+                    incoming = await expected.wait()
+            except trio.TooSlowError:
+                raise _TransferFailed(f"the stream did not start within {STREAM_START_TIMEOUT} "
+                                      "s") from None
+            digest = incoming.meta.get("sha256")
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise _TransferFailed("the stream's meta carries no SHA-256")
+            incoming.max_bytes = coming.size
+            try:
+                async with aclosing(_checked(incoming, coming.size, digest)) as chunks:
+                    _, size = await write_chunks(dest, chunks)
+            except (TensorStreamError, trio.TooSlowError, _Corrupt) as exc:
+                raise _TransferFailed(str(exc) or "the stream stalled") from None
+            return size
+
+    # -- send and receive -----------------------------------------------------------------------------
+    async def send(self, path: Path, peers: list[str], strategy: str, name: str) -> list[str]:
+        ids = {peer: _peer_id(peer) for peer in peers}
+        size = os.stat(path).st_size
+        stream = file_stream(str(self.scheduler), name)
+
+        async def send_one(peer: str) -> None:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                out = await self.net.open_tensor_stream(ids[peer], stream,
+                                                        {"job": self.job_id, "size": size})
+            async with out, aclosing(_reading(path, SEND_CHUNK)) as chunks:
+                async for chunk in chunks:
+                    await out.send(chunk)
+
+        sent = await deliver(peers, strategy, send_one)
+        self.counts["files sent"] += len(sent)
+        return sent
+
+    async def incoming(self) -> AsyncIterator[IncomingFile]:
+        async for file in self._outbox:
+            yield file
+
+    async def _accept(self, incoming: IncomingTensorStream, name: str) -> None:
+        """Take a file a peer sends to this job: write it under incoming/, then queue it."""
+        size = incoming.meta.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_BYTES:
+            await incoming.refuse(f"meta 'size' must be 0 .. {MAX_FILE_BYTES} bytes")
+            return
+        statistics = self._inbox.statistics()
+        if statistics.current_buffer_used >= statistics.max_buffer_size:
+            await incoming.refuse(f"job {self.job_id} has {statistics.current_buffer_used} files "
+                                  "waiting to be received; try again later")
+            return
+        try:
+            dest = incoming_destination(self.work_dir, name)
+        except PathRefused as exc:
+            await incoming.refuse(exc.message)
+            return
+        incoming.max_bytes = size
+        try:
+            async with self._receiving, aclosing(_checked(incoming, size, None)) as chunks:
+                final, written = await write_chunks(dest, chunks, overwrite=False)
+        except (TensorStreamError, trio.TooSlowError, _Corrupt) as exc:
+            log.warning("job %s: receiving %s from %s failed: %s", self.job_id, name,
+                        incoming.peer, str(exc) or "the stream stalled")
+            return
+        file = IncomingFile(final, str(incoming.peer), name, written)
+        log.info("job %s: received %s (%d bytes) from %s", self.job_id, final.name, written,
+                 incoming.peer)
+        self.counts["files received"] += 1
+        try:
+            self._inbox.send_nowait(file)
+        except trio.WouldBlock:
+            await self._inbox.send(file)
+        except trio.ClosedResourceError:
+            log.warning("job %s ended before %s could be received", self.job_id, final.name)
+
+
+class _Corrupt(Exception):
+    """The bytes received are not what was announced."""
+
+
+async def _checked(incoming: IncomingTensorStream, size: int,
+                   sha256: str | None) -> AsyncGenerator[bytes, None]:
+    """The stream's chunks; raises at the end unless they are ``size`` bytes (of ``sha256``),
+    and when a chunk takes longer than IDLE_TIMEOUT."""
+    digest = hashlib.sha256()
+    received = 0
+    chunks = aiter(incoming)
+    while True:
+        with trio.fail_after(IDLE_TIMEOUT):
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+        received += len(chunk)
+        if sha256 is not None:
+            digest.update(chunk)
+        yield chunk
+    if received != size:
+        raise _Corrupt(f"got {received} bytes of the {size} announced")
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise _Corrupt(f"SHA-256 {digest.hexdigest()[:16]}… does not match the announced "
+                       f"{sha256[:16]}…")
+
+
+def _reading(path: Path, chunk_size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
+    # read_chunks is an async generator (declared as an iterator): closed early, it closes the file
+    return cast(AsyncGenerator[bytes, None], read_chunks(path, chunk_size))
+
+
+def _peer_id(text: str) -> ID:
+    try:
+        peer = ID.from_base58(text)
+    except ValueError:
+        peer = None
+    if peer is None or peer.to_base58() != text or len(peer.to_bytes()) < 2:
+        raise BridgeError(400, f"{text!r} is not a peer id")
+    return peer
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
