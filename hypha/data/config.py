@@ -9,6 +9,7 @@ from typing import ClassVar
 from hypha.config import (
     InvalidSetting,
     LogSection,
+    MetricsSection,
     NetworkSection,
     TLSSection,
     section,
@@ -68,3 +69,4 @@ class DataConfig:
     tls: TLSSection = section(TLSSection)
     log: LogSection = section(LogSection)
     data: DataSection = section(DataSection)
+    metrics: MetricsSection = section(MetricsSection)

@@ -28,11 +28,13 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 from libp2p.peer.id import ID
+from prometheus_client.core import Metric
 
 import hypha
 from hypha.data.config import DataConfig
@@ -47,6 +49,7 @@ from hypha.messages import (
     decode,
     encode,
 )
+from hypha.metrics import counter, gauge, serve_metrics
 from hypha.net import (
     DialError,
     MTLSTransport,
@@ -225,6 +228,17 @@ class DataNode:
         self._started = time.monotonic()
         self._nursery: trio.Nursery | None = None
 
+    def collect_metrics(self) -> list[Metric]:
+        """Prometheus metrics of the data node, read at scrape time."""
+        return [
+            gauge("hypha_peers_connected", "peers with an open connection",
+                  len(self.net.connected_peers())),
+            counter("hypha_data_slices_sent", "slices streamed to workers", self.slices_sent),
+            counter("hypha_data_bytes_sent", "slice bytes streamed to workers", self.bytes_sent),
+            counter("hypha_data_transfers_failed", "slice transfers that failed",
+                    self.transfers_failed),
+        ]
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; reports readiness once the protocols are served."""
         self.net.serve(PROTOCOLS["data-fetch"], self._on_fetch)
@@ -352,6 +366,9 @@ async def run(config: DataConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
         node = DataNode(net, datasets, max_transfers=config.data.max_transfers)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            if config.metrics.port is not None:
+                await nursery.start(partial(serve_metrics, node.collect_metrics,
+                                            host=config.metrics.host, port=config.metrics.port))
             task_status.started(node)
             await until_stopped(log)
             nursery.cancel_scope.cancel()

@@ -30,6 +30,10 @@ __all__ = ["run", "settings_from_config"]
 
 log = logging.getLogger("hypha.gateway")
 
+#: The gateway's Gossipsub mesh: wide enough to push every advertisement to every subscriber
+#: directly (see NetworkSettings.gossip_degree).
+GATEWAY_GOSSIP_DEGREE = 1024
+
 
 def settings_from_config(config: GatewayConfig) -> NetworkSettings:
     relay = config.relay
@@ -46,6 +50,7 @@ def settings_from_config(config: GatewayConfig) -> NetworkSettings:
         relay_limits=limits,
         dht_mode="server",
         relay_topics=(WORKER_TOPIC,),
+        gossip_degree=GATEWAY_GOSSIP_DEGREE,
         reload_on_sighup=True,
     )
 

@@ -9,9 +9,10 @@ silent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Final
 
-from hypha.messages._codec import Message, Range
+from hypha.messages._codec import MaxItems, Message, Range, Text
 from hypha.messages._common import Executor, Id, LeaseTTL, PeerId, Resources, Timestamp
 
 __all__ = ["WORKER_TOPIC", "WorkerRequest"]
@@ -25,6 +26,9 @@ class WorkerRequest(Message, max_size=16 << 10):
 
     Offers must reach ``scheduler`` before ``deadline`` (Unix seconds); the temporary lease an
     offer holds should last ``lease_ttl`` seconds, long enough for the scheduler to choose.
+    ``addrs`` are the scheduler's multiaddrs, so that a worker that has never met it can answer
+    at once instead of looking it up in the DHT first (a cold lookup took seconds, past the
+    deadline); the connection is still verified against ``scheduler`` by mTLS.
     """
 
     id: Id
@@ -34,3 +38,5 @@ class WorkerRequest(Message, max_size=16 << 10):
     bid: Annotated[float, Range(gt=0)]
     deadline: Timestamp
     lease_ttl: LeaseTTL
+    addrs: Annotated[Sequence[Annotated[str, Text(256, min_len=1, pattern=r"/[^\x00\s]*",
+                                                 hint="a multiaddr")]], MaxItems(8)] = ()

@@ -72,6 +72,8 @@ DHT_NAMESPACE = "hypha"
 MAX_DHT_VALUE = 64 << 10
 #: Largest Gossipsub message accepted.
 MAX_PUBSUB_MESSAGE = 1 << 20
+#: Seconds the peerstore keeps addresses a peer announced for itself.
+ADDR_TTL = 600
 #: Seconds between attempts to reach a bootstrap peer that is not up yet (doubling, capped).
 BOOTSTRAP_RETRY = (0.5, 30.0)
 
@@ -106,6 +108,11 @@ class NetworkSettings:
     dht_mode: str = "server"
     #: Gossipsub heartbeat in seconds (py-libp2p's default, 120 s, delays the mesh for minutes)
     gossip_heartbeat: float = 1.0
+    #: Gossipsub mesh degree (peers a message is pushed to per topic). The gateway, the hub of a
+    #: star, uses a mesh wide enough for every subscriber: with the usual 6 (at most 12), peers
+    #: pruned from its mesh heard of a message only through gossip, seconds later or never
+    #: (bench/alloc.py: 14 of 32 workers reached).
+    gossip_degree: int = 6
     #: reload the CRL on SIGHUP (only possible from the main thread; roles turn it on)
     reload_on_sighup: bool = False
     #: "hypha" (ours) or "libp2p" (py-libp2p's yamux: same wire protocol, ~2x slower here)
@@ -125,6 +132,8 @@ class NetworkSettings:
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ValueError(f"network.bootstrap: {addr!r} lacks /p2p/<peer id>")
+        if not (isinstance(self.gossip_degree, int) and 1 <= self.gossip_degree <= 10_000):
+            raise ValueError(f"gossip_degree must be 1 .. 10000, not {self.gossip_degree!r}")
         if self.muxer not in ("hypha", "libp2p"):
             raise ValueError(f"muxer must be 'hypha' or 'libp2p', not {self.muxer!r}")
         if self.dht_mode not in ("server", "client"):
@@ -223,8 +232,10 @@ class Network:
             protocol_prefix=TProtocol(f"/{DHT_NAMESPACE}"),
         )
         self._dht.register_validator(DHT_NAMESPACE, _HyphaValidator())
+        degree = settings.gossip_degree
         self._gossip = GossipSub(
-            protocols=[GOSSIP_V11, GOSSIP_V10], degree=6, degree_low=4, degree_high=12,
+            protocols=[GOSSIP_V11, GOSSIP_V10], degree=degree, degree_low=min(4, degree),
+            degree_high=2 * degree,
             heartbeat_interval=settings.gossip_heartbeat,  # type: ignore[arg-type]
             heartbeat_initial_delay=0.1, adaptive_gossip_enabled=False,
         )
@@ -455,6 +466,31 @@ class Network:
                                 ) from exc
 
         return await self._call(open_stream)
+
+    def learn_addrs(self, peer: ID, addrs: Sequence[str]) -> None:
+        """Remember addresses a peer announced for itself (e.g. in a signed advertisement).
+
+        A later dial still verifies the peer's certificate against ``peer``; addresses that do
+        not parse, or that name another peer, are ignored.
+        """
+        parsed = []
+        for text in addrs:
+            try:
+                addr = Multiaddr(text)
+            except Exception:  # py-multiaddr raises several types
+                continue
+            if "/p2p/" in text:
+                try:
+                    info = info_from_p2p_addr(addr)
+                except Exception:
+                    continue
+                if info.peer_id != peer or "/p2p-circuit" in text:
+                    continue
+                parsed.extend(info.addrs)
+            else:
+                parsed.append(addr)
+        if parsed:
+            self._host.get_peerstore().add_addrs(peer, parsed, ADDR_TTL)
 
     def _known_addrs(self, peer: ID) -> list[Multiaddr]:
         try:

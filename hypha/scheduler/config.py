@@ -6,7 +6,15 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hypha.config import InvalidSetting, LogSection, NetworkSection, TLSSection, section, setting
+from hypha.config import (
+    InvalidSetting,
+    LogSection,
+    MetricsSection,
+    NetworkSection,
+    TLSSection,
+    section,
+    setting,
+)
 from hypha.messages import DataSliceRequest, Executor, MessageError, Resources, new_id
 from hypha.worker.resources import parse_size
 
@@ -87,3 +95,4 @@ class SchedulerConfig:
     tls: TLSSection = section(TLSSection)
     log: LogSection = section(LogSection)
     job: JobSection = section(JobSection)
+    metrics: MetricsSection = section(MetricsSection)

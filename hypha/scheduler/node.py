@@ -31,10 +31,12 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
 from libp2p.peer.id import ID
+from prometheus_client.core import Metric
 
 import hypha
 from hypha.data.node import NO_SLICE_AVAILABLE, DatasetInfo, dataset_key
@@ -65,6 +67,7 @@ from hypha.messages import (
     encode,
     new_id,
 )
+from hypha.metrics import gauge, serve_metrics
 from hypha.net import (
     MTLSTransport,
     Network,
@@ -193,6 +196,7 @@ class SchedulerNode:
             resources=self.requirements.resources, executor=self.requirements.executor,
             bid=self.requirements.bid, deadline=time.time() + self.offer_window,
             lease_ttl=min(3600.0, self.offer_window + 10.0),
+            addrs=[str(a) for a in [*self.net.addrs, *self.net.relay_addrs]][:8],
         )
         self._collecting[request.id] = _Collecting(request)
         try:
@@ -292,6 +296,26 @@ class SchedulerNode:
         self.lost.add(str(held.worker))
         self.all_leased = trio.Event()
         await self._fill(1)
+
+    def collect_metrics(self) -> list[Metric]:
+        """Prometheus metrics: leases, job states, the market's messages, the jobs' own metrics."""
+        states = Counter(h.state for h in self.held.values())
+        reported: dict[tuple[str, ...], float] = {}
+        for job_id, report in self.metrics.items():
+            for name, value in report.values.items():
+                reported[(job_id, name)] = value
+        return [
+            gauge("hypha_peers_connected", "peers with an open connection",
+                  len(self.net.connected_peers())),
+            gauge("hypha_scheduler_workers", "workers leased, by state",
+                  labels={(k,): v for k, v in states.items()}, label_names=("state",)),
+            gauge("hypha_scheduler_workers_lost", "workers that let a lease fail",
+                  len(self.lost)),
+            gauge("hypha_scheduler_messages", "market messages sent and received, by kind",
+                  labels={(k,): v for k, v in self.messages.items()}, label_names=("kind",)),
+            gauge("hypha_job_metric", "the latest value of each metric a job reported",
+                  labels=reported, label_names=("job", "name")),
+        ]
 
     # -- handlers --------------------------------------------------------------------------------
     async def _on_offer(self, peer: ID, data: bytes) -> bytes:
@@ -470,6 +494,9 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
                              dataset=job.dataset, data_seed=job.data_seed)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            if config.metrics.port is not None:
+                await nursery.start(partial(serve_metrics, node.collect_metrics,
+                                            host=config.metrics.host, port=config.metrics.port))
             task_status.started(node)
 
             async def stop_on_signal() -> None:

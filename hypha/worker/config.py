@@ -13,6 +13,7 @@ from typing import ClassVar, Final
 from hypha.config import (
     InvalidSetting,
     LogSection,
+    MetricsSection,
     NetworkSection,
     TLSSection,
     section,
@@ -228,3 +229,4 @@ class WorkerConfig:
     executor: ExecutorSection = section(ExecutorSection)
     pricing: PricingSection = section(PricingSection)
     jobs: JobsSection = section(JobsSection)
+    metrics: MetricsSection = section(MetricsSection)

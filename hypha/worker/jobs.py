@@ -106,6 +106,9 @@ class JobManager:
         log.info("job %s dispatched by %s under lease %s: %s in %s", spec.id, scheduler,
                  lease_id, spec.executor.name, work_dir)
 
+    def running(self) -> list[str]:
+        return list(self._jobs)
+
     def owned_by(self, job_id: str, peer: ID) -> bool:
         job = self._jobs.get(job_id)
         return job is not None and job.scheduler == peer

@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import trio
 from libp2p.peer.id import ID
+from prometheus_client.core import Metric
 
 import hypha
 from hypha.executors.process import ProcessExecutor
@@ -47,6 +49,7 @@ from hypha.messages import (
     decode,
     encode,
 )
+from hypha.metrics import counter, gauge, serve_metrics
 from hypha.net import (
     MTLSTransport,
     Network,
@@ -100,6 +103,22 @@ class WorkerNode:
                      ", ".join(f"{e.kind}:{e.name}" for e in self.arbiter.executors))
             task_status.started()
 
+    def collect_metrics(self) -> list[Metric]:
+        """Prometheus metrics, read from the live ledgers at scrape time."""
+        leases = self.arbiter.leases()
+        free = self.arbiter.free()
+        return [
+            gauge("hypha_peers_connected", "peers with an open connection",
+                  len(self.net.connected_peers())),
+            gauge("hypha_worker_leases", "accepted leases held", len(leases)),
+            counter("hypha_worker_offers", "offers delivered to schedulers", self.offers_sent),
+            gauge("hypha_worker_jobs", "jobs running", len(self.jobs.running())),
+            gauge("hypha_worker_free", "resources not held by a lease or an offer",
+                  labels={("cpu",): free.cpu, ("memory",): free.memory,
+                          ("storage",): free.storage, ("gpu",): free.gpu},
+                  label_names=("resource",)),
+        ]
+
     # -- advertisements --------------------------------------------------------------------------
     async def _listen(self, subscription: Any, send: trio.MemorySendChannel[WorkerRequest]
                       ) -> None:
@@ -113,6 +132,7 @@ class WorkerNode:
                 log.warning("dropped advertisement %s: it names scheduler %s but was published "
                             "by %s", request.id, request.scheduler, message.sender)
                 continue
+            self.net.learn_addrs(message.sender, request.addrs)
             try:
                 send.send_nowait(request)
             except trio.WouldBlock:
@@ -238,6 +258,9 @@ async def run(config: WorkerConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
                           version=hypha.__version__)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            if config.metrics.port is not None:
+                await nursery.start(partial(serve_metrics, node.collect_metrics,
+                                            host=config.metrics.host, port=config.metrics.port))
             task_status.started(node)
             await until_stopped(log)
             nursery.cancel_scope.cancel()

@@ -7,12 +7,14 @@ import sys
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from hypha.data.node import DataNode
 from hypha.data.slices import Dataset
 from hypha.executors.process import ProcessExecutor
+from hypha.gateway.node import GATEWAY_GOSSIP_DEGREE
 from hypha.messages import GIB, Executor, Resources
 from hypha.net import Network, open_network
 from hypha.scheduler.allocator import Requirements
@@ -41,7 +43,8 @@ async def start_hub(stack: AsyncExitStack, pki: PKI) -> Network:
     """A gateway's network: it forwards the advertisement topic."""
     _, files = pki.node("hub")
     return await stack.enter_async_context(
-        open_network(pki.settings(files, relay_topics=("hypha/worker",))))
+        open_network(pki.settings(files, relay_topics=("hypha/worker",),
+                                  gossip_degree=GATEWAY_GOSSIP_DEGREE)))
 
 
 async def start_worker(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, hub: Network,
@@ -59,7 +62,7 @@ async def start_worker(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, h
     node = WorkerNode(net, arbiter, jobs, batch_window=batch_window)
     scope = trio.CancelScope()
 
-    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             await node.run(task_status=task_status)
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,11 @@ class Cluster:
                 node.proc.send_signal(signal.SIGKILL)
 
 
+async def _scrape(url: str) -> str:
+    return await trio.to_thread.run_sync(
+        lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+
+
 def _leases(node: Node) -> dict[str, float]:
     """worker peer id -> price, from the scheduler's 'leased ... from X at P/h' lines."""
     out = {}
@@ -137,8 +143,14 @@ async def test_processes_allocate_expire_and_replace(pki: PKI, tmp_path: Path) -
                 }
                 sched = await cluster.scheduler(
                     gateway, "sched", "--job-workers", "3", "--job-bid", "2",
-                    "--job-max-price", "3", "--job-lease-ttl", "3")
+                    "--job-max-price", "3", "--job-lease-ttl", "3", "--metrics-port", "0")
                 await sched.wait_for(r"job \S+ on \S+: running", count=3)
+                # the scheduler's Prometheus metrics show the three leased workers
+                [url] = await sched.wait_for(r"metrics at (http://\S+)")
+                body = await _scrape(url.group(1))
+                workers_by_state = re.findall(r'hypha_scheduler_workers\{state="\w+"\} (\S+)',
+                                              body)
+                assert sum(map(float, workers_by_state)) == 3.0, body
                 leases = _leases(sched)
                 ids = {name: node.peer_id for name, node in workers.items()}
                 # 3 of 4 at the right prices: flexible at the bid, whole at max(bid, price)
@@ -178,5 +190,36 @@ async def test_a_dead_worker_is_replaced_by_a_new_lease(pki: PKI, tmp_path: Path
                 await sched.wait_for(rf"lost worker {dead.peer_id}")
                 await sched.wait_for(rf"leased .* from {alive.peer_id}")
                 await sched.wait_for(rf"job \S+ on {alive.peer_id}: running")
+        finally:
+            cluster.stop_all()
+
+
+async def test_no_offer_below_the_floor_and_one_lease_for_two_competing_schedulers(
+        pki: PKI, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(pki, tmp_path, nursery)
+        try:
+            with trio.fail_after(180):
+                gateway = await cluster.gateway()
+                # asks 0.1/h but never goes below 3/h: a bid of 2 gets nothing from it
+                proud = await cluster.worker(gateway, "proud", price=0.1, strategy="whole",
+                                             floor=3.0)
+                # one whole machine that two schedulers both want
+                only = await cluster.worker(gateway, "only", price=1.0, strategy="whole")
+                low = await cluster.scheduler(gateway, "low", "--job-workers", "1",
+                                              "--job-bid", "2", "--job-max-price", "2.5")
+                high = await cluster.scheduler(gateway, "high", "--job-workers", "1",
+                                               "--job-bid", "2.2", "--job-max-price", "2.5")
+                # exactly one of them leases "only"; the other keeps advertising
+                while len(_leases(low)) + len(_leases(high)) < 1:
+                    await trio.sleep(0.1)
+                await low.wait_for(r"advertisement \S+: \d+ offer", count=2)
+                await high.wait_for(r"advertisement \S+: \d+ offer", count=1)
+                leases = {**_leases(low), **_leases(high)}
+                assert set(leases) == {only.peer_id}, (low.log(), high.log())
+                assert len(_leases(low)) + len(_leases(high)) == 1
+                # the proud worker saw every advertisement and offered nothing
+                assert not [ln for ln in proud.lines if "offered" in ln], proud.log()
+                assert proud.peer_id not in leases
         finally:
             cluster.stop_all()
