@@ -70,6 +70,7 @@ if __package__ in (None, ""):
 
 import trio
 
+from hypha.gateway.node import GATEWAY_GOSSIP_DEGREE
 from hypha.messages import WORKER_TOPIC, WorkerOffer
 from hypha.net import Network, open_network
 from hypha.scheduler.allocator import Requirements
@@ -505,9 +506,9 @@ def main(argv: list[str] | None = None) -> None:
              "'last-offer': advertisement to the last offer taken (the N-th when 'offers/alloc' "
              "is N); 'all-N': until N leases were held, retrying as the scheduler does "
              f"({RETRY[0]:g} s backoff, doubling, at most {MAX_ROUNDS} rounds; '-' if never).")
-    rec.note(f"hub mesh 'default' is hypha.net's Gossipsub (D={GOSSIP_D}, D_hi={GOSSIP_D_HI}); "
-             "'all' is a what-if, the hub's degrees raised to N in this benchmark, to separate "
-             "Gossipsub's fan-out from the market's own speed.")
+    rec.note(f"hub mesh 'gateway' is the gateway's Gossipsub (D={GATEWAY_GOSSIP_DEGREE}: every "
+             f"subscriber in its mesh); 'narrow' is a what-if, an ordinary node's D={GOSSIP_D}, "
+             f"D_hi={GOSSIP_D_HI} on the hub, as before the gateway was widened.")
     rec.note(f"All hosts share one Python thread on {os.cpu_count()} cores: 'cpu s/alloc' is "
              "the whole process's CPU during allocate(), against its wall time in 'alloc'. "
              f"Target: all leases held in < {TARGET_S:g} s for {TARGET_WORKERS} workers "
