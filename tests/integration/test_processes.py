@@ -223,3 +223,63 @@ async def test_no_offer_below_the_floor_and_one_lease_for_two_competing_schedule
                 assert proud.peer_id not in leases
         finally:
             cluster.stop_all()
+
+
+FETCHER = '''\
+import json, os, sys
+sys.path.insert(0, {examples!r})
+from bridge_client import BridgeClient, BridgeError
+
+job = json.load(open(os.environ["HYPHA_JOB_JSON"]))
+bridge = BridgeClient()
+got = bridge.fetch("data/slice.safetensors", source="data", dataset=job["config"]["dataset"])
+size = os.path.getsize("data/slice.safetensors")
+for dest in ("../escape", "/tmp/escape", ".hypha/x"):
+    try:
+        bridge.fetch(dest, source="data", dataset=job["config"]["dataset"])
+    except BridgeError as exc:
+        assert 400 <= exc.status < 500, exc
+        print("refused", dest, exc.status, exc.message, flush=True)
+    else:
+        sys.exit("traversal to " + dest + " was allowed")
+print("fetched", size, flush=True)
+'''
+
+
+async def test_a_process_job_fetches_a_data_slice_through_the_bridge(pki: PKI,
+                                                                     tmp_path: Path) -> None:
+    from hypha.data.prepare import prepare_text
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(bytes(range(32, 127)) * 400)
+    prepare_text([corpus], "tiny", tmp_path / "datasets", slice_tokens=4096, seq_len=64)
+    script = tmp_path / "fetch.py"
+    script.write_text(FETCHER.format(examples=str(ROOT / "examples")))
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(pki, tmp_path, nursery)
+        try:
+            with trio.fail_after(180):
+                gateway = await cluster.gateway()
+                data = await cluster.start("data", "datanode", "--network-bootstrap", gateway,
+                                           "--data-datasets", str(tmp_path / "datasets/tiny"))
+                await data.wait_for(r"bootstrapped from")
+                worker = await cluster.start(
+                    "worker", "w", "--network-bootstrap", gateway,
+                    "--executor-command", sys.executable, str(script),
+                    "--jobs-work-dir", str(tmp_path / "work"), "--jobs-keep-work-dirs")
+                sched = await cluster.scheduler(gateway, "sched", "--job-workers", "1",
+                                                "--job-bid", "2", "--job-max-price", "3",
+                                                "--job-dataset", "tiny")
+                await sched.wait_for(r"job \S+ on \S+: finished")
+                logs = "\n".join(worker.lines)
+                # the scheduler assigned a slice, the data node streamed it, the bridge wrote it
+                assert re.search(r"slice \d+ of tiny \(epoch 0, \d+ bytes\) handed over", logs)
+                assert "stdout: fetched" in logs, worker.log()
+                assert logs.count("stdout: refused") == 3, worker.log()
+                # nothing escaped the work directory
+                assert not (tmp_path / "escape").exists() and not Path("/tmp/escape").exists()
+                [job_dir] = (tmp_path / "work").glob("hypha-*")
+                assert (job_dir / "data" / "slice.safetensors").stat().st_size > 0
+        finally:
+            cluster.stop_all()
