@@ -15,7 +15,13 @@ per worker, installed as the network's only tensor-stream handler.
 * ``source="data"`` with ``slice``: that slice, from a data node found in the DHT, outside the
   scheduler's bookkeeping (evaluation data, a slice to look at).
 * ``source="path"``: a local file, as :class:`~hypha.executors.LocalBackend` does it.
-* ``source="peer"``: refused with 501; peers push files instead (``send``/``receive``).
+* ``source="peer"``: the file ``path`` that ``peer`` serves (``/hypha/file-fetch/1``, see
+  :mod:`hypha.files`; the scheduler serves the job's files and names itself in the job's config
+  as ``files_peer``). The peer answers with the file's size and SHA-256 and the name of the
+  tensor stream ``file-fetch:<token>`` that carries it; the backend writes it atomically at
+  ``dest`` and checks both (a mismatch: 502, nothing written). The peer's refusals keep its
+  message: 400 (a malformed path, not a regular file), 403 (outside the served directory, not
+  allowed), 404 (no such file), 503 (busy); an unreachable peer or a broken transfer is 502.
 
 **When a slice counts as used.** The scheduler marks a slice USED when the job is done with it,
 which the job says by asking for its next slice of that dataset, or by finishing (exit 0):
@@ -45,7 +51,7 @@ import hashlib
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,13 +73,16 @@ from hypha.executors.bridge import (
     write_chunks,
 )
 from hypha.executors.local import LocalBackend
+from hypha.files import BUSY, FILE_FETCH_PREFIX, FORBIDDEN, INVALID, NOT_FOUND
 from hypha.messages import (
     PROTOCOLS,
     DataSliceAssignment,
     DataSliceDone,
     DataSliceRecorded,
     DataSliceRequest,
+    FetchFile,
     FetchSlice,
+    FileComing,
     MessageError,
     SliceComing,
     decode,
@@ -113,6 +122,13 @@ MAX_FILE_BYTES: Final = 16 << 30
 RPC_TIMEOUT: Final = 10.0
 #: Seconds a data node may take to start the stream it announced (it may be busy with others).
 STREAM_START_TIMEOUT: Final = 120.0
+#: Seconds a peer may take to answer a file fetch.
+# NOTE: longer than RPC_TIMEOUT: the peer reads the whole file for its SHA-256 before it answers
+# (16 GiB at ~1 GB/s; cached after the first fetch).
+FILE_RPC_TIMEOUT: Final = 300.0
+#: Seconds a stream from a peer waits at the router for the fetch that asked for it to learn its
+#: name (the peer may open it before its answer to the fetch has been read).
+ANNOUNCE_WAIT: Final = 30.0
 #: Seconds a stream may stall between two chunks.
 IDLE_TIMEOUT: Final = 60.0
 #: Seconds to open a stream to a peer a file is sent to.
@@ -152,6 +168,12 @@ class _Expected:
         self._arrived = trio.Event()
         self.released = trio.Event()
         self._stream: IncomingTensorStream | None = None
+        self._announce: Callable[[str], None] | None = None
+
+    def announce(self, name: str) -> None:
+        """The stream's name, once known (:meth:`StreamRouter.expect_announced` only)."""
+        assert self._announce is not None, "only for StreamRouter.expect_announced"
+        self._announce(name)
 
     def hand(self, stream: IncomingTensorStream) -> None:
         self._stream = stream
@@ -168,6 +190,9 @@ class StreamRouter:
 
     * ``slice:...`` streams go to a fetch that registered, with :meth:`expect`, exactly that name
       from exactly that peer (the data node it asked); a slice nobody asked for is refused.
+    * ``file-fetch:...`` streams likewise, to a fetch that registered with
+      :meth:`expect_announced` before it asked that peer, and learnt the name from its answer;
+      while a fetch from that peer still waits for its answer, the stream waits for it.
     * ``file:<scheduler>:<name>`` streams go to a job of ``scheduler`` running here (the first
       one to have registered, when there are several); none running: refused.
     * Anything else is refused.
@@ -175,6 +200,8 @@ class StreamRouter:
 
     def __init__(self) -> None:
         self._expected: dict[tuple[str, str], deque[_Expected]] = {}
+        self._unnamed: Counter[tuple[str, str]] = Counter()  # (peer, prefix) → fetches asking
+        self._changed = trio.Event()  # set (and replaced) when an unnamed fetch learns its name
         self._receivers: dict[str, list[NetworkBackend]] = {}
         self.refused = 0
 
@@ -198,6 +225,45 @@ class StreamRouter:
                     del self._expected[key]
             expected.released.set()
 
+    @contextmanager
+    def expect_announced(self, peer: ID, prefix: str) -> Iterator[_Expected]:
+        """Register for a stream from ``peer`` whose name (starting with ``prefix``) the caller
+        learns later, from the answer to its request: it calls ``announce(name)`` then. Like
+        :meth:`expect` otherwise."""
+        unnamed = (str(peer), prefix)
+        expected = _Expected()
+        named: tuple[str, str] | None = None
+
+        def announce(name: str) -> None:
+            nonlocal named
+            if named is not None or not name.startswith(prefix):
+                raise ValueError(f"cannot expect {name!r} here (prefix {prefix!r}, once)")
+            named = (str(peer), name)
+            self._expected.setdefault(named, deque()).append(expected)
+            self._forget_unnamed(unnamed)
+
+        expected._announce = announce
+        self._unnamed[unnamed] += 1
+        try:
+            yield expected
+        finally:
+            if named is None:
+                self._forget_unnamed(unnamed)
+            else:
+                waiting = self._expected.get(named)
+                if waiting is not None and expected in waiting:
+                    waiting.remove(expected)
+                    if not waiting:
+                        del self._expected[named]
+            expected.released.set()
+
+    def _forget_unnamed(self, key: tuple[str, str]) -> None:
+        self._unnamed[key] -= 1
+        if self._unnamed[key] <= 0:
+            del self._unnamed[key]
+        self._changed.set()
+        self._changed = trio.Event()
+
     def add_receiver(self, scheduler: str, backend: NetworkBackend) -> None:
         self._receivers.setdefault(scheduler, []).append(backend)
 
@@ -210,7 +276,14 @@ class StreamRouter:
 
     async def handle(self, incoming: IncomingTensorStream) -> None:
         name = incoming.name
-        if name.startswith(SLICE_PREFIX):
+        if name.startswith(FILE_FETCH_PREFIX):
+            # the fetch may not have read the peer's answer yet: wait while one from this peer
+            # still waits for its answer
+            key, unnamed = (str(incoming.peer), name), (str(incoming.peer), FILE_FETCH_PREFIX)
+            with trio.move_on_after(ANNOUNCE_WAIT):
+                while not self._expected.get(key) and self._unnamed[unnamed] > 0:
+                    await self._changed.wait()
+        if name.startswith((SLICE_PREFIX, FILE_FETCH_PREFIX)):
             waiting = self._expected.get((str(incoming.peer), name))
             if not waiting:
                 await self._refuse(incoming, f"no fetch of {name!r} from you is waiting here")
@@ -276,8 +349,8 @@ class NetworkBackend:
     Start it with ``await nursery.start(backend.run)`` (prefetches run there, and received files
     are routed to it while it runs); ``await backend.finish()`` when the job exited 0;
     ``await backend.aclose()`` when the job is over. ``counts`` (shared by the worker's jobs)
-    counts ``slices fetched``, ``slices prefetched``, ``prefetch used``, ``files sent`` and
-    ``files received``.
+    counts ``slices fetched``, ``slices prefetched``, ``prefetch used``, ``files fetched``,
+    ``files sent`` and ``files received``.
     """
 
     def __init__(self, net: Network, router: StreamRouter, *, job_id: str, scheduler: ID,
@@ -339,9 +412,7 @@ class NetworkBackend:
         if request.source == "path":
             return await self._local.fetch(request, dest)
         if request.source == "peer":
-            raise BridgeError(501, "fetching a file from a peer is not offered by this worker: "
-                                   "have the peer send it (POST /resources/send) and take it "
-                                   "from POST /resources/receive")
+            return await self._fetch_file(request, dest)
         assert request.dataset is not None  # FetchRequest checks it
         try:
             FetchSlice(dataset=request.dataset, slice=request.slice or 0)
@@ -534,6 +605,54 @@ class NetworkBackend:
                 raise _TransferFailed(str(exc) or "the stream stalled") from None
             return size
 
+    # -- files from peers -----------------------------------------------------------------------------
+    async def _fetch_file(self, request: FetchRequest, dest: Path) -> int:
+        """The file ``request.path`` that ``request.peer`` serves, written at ``dest``."""
+        assert request.peer is not None and request.path is not None  # FetchRequest checks it
+        peer = _peer_id(request.peer)
+        if peer == self.net.peer_id:
+            raise BridgeError(400, f"peer {request.peer} is this worker; fetch a local file with "
+                                   "source 'path'")
+        try:
+            ask = FetchFile(path=request.path)
+        except MessageError as exc:
+            raise BridgeError(400, f"path {request.path!r} cannot be asked for: "
+                                   f"{exc.problem}") from None
+        what = f"{request.path!r} from {peer}"
+        with self.router.expect_announced(peer, FILE_FETCH_PREFIX) as expected:
+            try:
+                with trio.fail_after(FILE_RPC_TIMEOUT):
+                    reply = await self.net.request(peer, PROTOCOLS["file-fetch"], encode(ask))
+                coming = decode(FileComing, reply)
+            except RemoteError as exc:
+                raise _file_refused(f"peer {peer} refused {request.path!r}", str(exc)) from None
+            except (RPCError, DialError, NetworkClosed, MessageError, trio.TooSlowError) as exc:
+                raise BridgeError(502, f"asking for {what} failed: "
+                                       f"{str(exc) or 'no answer in time'}") from None
+            if coming.path != ask.path or not coming.stream.startswith(FILE_FETCH_PREFIX):
+                raise BridgeError(502, f"asked for {what}, the peer announced {coming.path!r} "
+                                       f"as the stream {coming.stream!r}")
+            if coming.size > MAX_FILE_BYTES:
+                raise BridgeError(502, f"{what} is {coming.size} bytes, over the "
+                                       f"{MAX_FILE_BYTES}-byte limit")
+            expected.announce(coming.stream)
+            try:
+                with trio.fail_after(STREAM_START_TIMEOUT):
+                    incoming = await expected.wait()
+            except trio.TooSlowError:
+                raise BridgeError(502, f"{what}: the stream did not start within "
+                                       f"{STREAM_START_TIMEOUT} s") from None
+            incoming.max_bytes = coming.size
+            try:
+                async with aclosing(_checked(incoming, coming.size, coming.sha256)) as chunks:
+                    _, size = await write_chunks(dest, chunks)
+            except (TensorStreamError, trio.TooSlowError, _Corrupt) as exc:
+                raise BridgeError(502, f"{what}: {str(exc) or 'the stream stalled'}; nothing "
+                                       "was written") from None
+        self.counts["files fetched"] += 1
+        log.info("job %s: fetched %s (%d bytes)", self.job_id, what, size)
+        return size
+
     # -- send and receive -----------------------------------------------------------------------------
     async def send(self, path: Path, peers: list[str], strategy: str, name: str) -> list[str]:
         ids = {peer: _peer_id(peer) for peer in peers}
@@ -623,6 +742,17 @@ async def _checked(incoming: IncomingTensorStream, size: int,
 def _reading(path: Path, chunk_size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
     # read_chunks is an async generator (declared as an iterator): closed early, it closes the file
     return cast(AsyncGenerator[bytes, None], read_chunks(path, chunk_size))
+
+
+#: The job bridge's status for each kind of refusal of a file fetch (see hypha.files).
+_REFUSALS: Final = {INVALID: 400, FORBIDDEN: 403, NOT_FOUND: 404, BUSY: 503}
+
+
+def _file_refused(refused: str, error: str) -> BridgeError:
+    """The bridge's answer to a peer's refusal ``error`` (``/hypha/file-fetch/1: <kind>: ...``)."""
+    message = error.removeprefix(f"{PROTOCOLS['file-fetch'].id}: ")
+    kind = message.partition(":")[0]
+    return BridgeError(_REFUSALS.get(kind, 502), f"{refused}: {message}")
 
 
 def _peer_id(text: str) -> ID:

@@ -3,9 +3,9 @@
 One module per protocol, each with its request/response types, its versioned protocol id and who
 sends it to whom:
 
-=========================  =================  ==========================================
+=========================  =================  ====================================================
 module                     protocol           messages
-=========================  =================  ==========================================
+=========================  =================  ====================================================
 ``worker_request``         Gossipsub topic    scheduler → all: WorkerRequest
                            ``hypha/worker``
 ``worker_offer``           worker-offer/1     worker → scheduler: WorkerOffer → OfferReceived
@@ -17,8 +17,9 @@ module                     protocol           messages
 ``data_slice``             data-slice/1       worker → scheduler: DataSliceRequest → DataSliceAssignment
                            data-slice-done/1  worker → scheduler: DataSliceDone → DataSliceRecorded
                            data-fetch/1       worker → data node: FetchSlice → SliceComing
+``file_fetch``             file-fetch/1       any → a node serving files: FetchFile → FileComing
 ``health``                 health/1           any → any: HealthCheck → Health
-=========================  =================  ==========================================
+=========================  =================  ====================================================
 
 Messages are frozen keyword-only dataclasses that check themselves when built and when decoded
 (:class:`MessageError`, a ``ValueError``, names the message, the field path, what was wrong and
@@ -87,6 +88,7 @@ from hypha.messages.dispatch_job import (
     JobStopped,
     StopJob,
 )
+from hypha.messages.file_fetch import FILE_FETCH, FetchFile, FileComing
 from hypha.messages.health import HEALTH, Health, HealthCheck, HealthStatus, Role
 from hypha.messages.job_status import JOB_STATUS, JobState, JobStatus, StatusReceived
 from hypha.messages.metrics import METRICS, MetricName, MetricsReceived, MetricsReport
@@ -99,7 +101,7 @@ from hypha.net import Protocol
 #: is ``/hypha/metrics/1``).
 PROTOCOLS: Final = MappingProxyType[str, Protocol]({p.name: p for p in (
     WORKER_OFFER, RENEW_LEASE, DISPATCH_JOB, STOP_JOB, JOB_STATUS, METRICS, DATA_SLICE,
-    DATA_SLICE_DONE, DATA_FETCH, HEALTH)})
+    DATA_SLICE_DONE, DATA_FETCH, FILE_FETCH, HEALTH)})
 
 __all__ = [
     "DATA_FETCH",
@@ -107,6 +109,7 @@ __all__ = [
     "DATA_SLICE_DONE",
     "DEFAULT_MAX_SIZE",
     "DISPATCH_JOB",
+    "FILE_FETCH",
     "GIB",
     "HEALTH",
     "JOB_STATUS",
@@ -128,8 +131,10 @@ __all__ = [
     "Executor",
     "ExecutorKind",
     "Fetch",
+    "FetchFile",
     "FetchSlice",
     "FetchSource",
+    "FileComing",
     "Health",
     "HealthCheck",
     "HealthStatus",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from hypha.config import (
@@ -44,6 +45,10 @@ class JobSection:
         None, "dataset the job trains on, as a data node announces it; the scheduler hands its "
         "slices out to the workers (leave unset for a job without data)", example="books")
     data_seed: int = setting(0, "seed of the per-epoch shuffle of the dataset's slices")
+    files: Path | None = setting(
+        None, "directory whose files the scheduler serves, read-only, to the workers it leases "
+        "(initial weights, a training script); the job's config names the scheduler as "
+        "files_peer (leave unset to serve nothing)", example="job-files")
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -70,6 +75,8 @@ class JobSection:
                 raise InvalidSetting("dataset", exc.problem) from None
         if self.data_seed < 0:
             raise InvalidSetting("data_seed", f"must be 0 or more, got {self.data_seed}")
+        if self.files is not None and not self.files.is_dir():
+            raise InvalidSetting("files", f"{self.files} is not a directory")
 
     def requirements(self) -> Resources:
         return Resources(cpu=self.cpu, memory=parse_size(self.memory),

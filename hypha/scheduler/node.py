@@ -22,6 +22,10 @@
    holds when it ends (the one it prefetched, or all of them when it failed), go back to
    AVAILABLE, first in line. The job's config carries ``dataset`` and ``scheduler`` (this peer)
    so that the script knows what to fetch.
+6. **Files** (when the job has ``files``): serve that directory read-only over
+   ``/hypha/file-fetch/1`` (:class:`~hypha.files.FileServer`) to the workers this scheduler
+   holds a lease on, and nobody else. The job's config carries ``files_peer`` (this peer) so
+   that the script knows whom to ask (``POST /resources/fetch`` with ``source: "peer"``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -41,6 +46,7 @@ from prometheus_client.core import Metric
 import hypha
 from hypha.data.node import NO_SLICE_AVAILABLE, DatasetInfo, dataset_key
 from hypha.data.tracker import NoSliceAvailable, SliceTracker, TrackerError
+from hypha.files import FileServer
 from hypha.messages import (
     PROTOCOLS,
     WORKER_TOPIC,
@@ -121,7 +127,8 @@ class SchedulerNode:
     def __init__(self, net: Network, requirements: Requirements, *, workers: int,
                  lease_ttl: float = 30.0, offer_window: float = 0.5,
                  job_config: dict[str, str] | None = None, dispatch: bool = True,
-                 dataset: str | None = None, data_seed: int = 0) -> None:
+                 dataset: str | None = None, data_seed: int = 0,
+                 files: Path | None = None) -> None:
         self.net = net
         self.requirements = requirements
         self.workers = workers
@@ -144,6 +151,8 @@ class SchedulerNode:
         #: data nodes that announce the dataset (assignments name them in turn)
         self.providers: list[ID] = []
         self.dataset_found = trio.Event()
+        #: serves the job's files to the leased workers (``files`` given)
+        self.files = None if files is None else FileServer(net, files, allow=self.holds_lease_on)
         self._finding = False
         self._next_provider = 0
         self._collecting: dict[str, _Collecting] = {}
@@ -164,6 +173,8 @@ class SchedulerNode:
         self.serve()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.files is not None:
+                await nursery.start(self.files.run)
             task_status.started()
             if self.dataset is not None:
                 # NOTE: before leasing: a worker paid for while no data node serves the data
@@ -270,6 +281,8 @@ class SchedulerNode:
         config = dict(self.job_config)
         if self.dataset is not None:
             config.update(dataset=self.dataset, scheduler=str(self.net.peer_id))
+        if self.files is not None:
+            config.update(files_peer=str(self.net.peer_id))
         job = JobSpec(id=new_id(), executor=self.requirements.executor, config=config,
                       resources=[])
         # NOTE: the job id is recorded before the worker answers: the job starts at once and
@@ -330,6 +343,10 @@ class SchedulerNode:
             raise RequestRejected("offer price is not finite")
         collecting.offers.append(offer)
         return encode(OfferReceived(request_id=offer.request_id))
+
+    def holds_lease_on(self, peer: ID) -> bool:
+        """Whether this scheduler holds a lease on ``peer`` now (who may fetch its files)."""
+        return any(h.worker == peer for h in self.held.values())
 
     def _held_by(self, peer: ID, lease_id: str, job_id: str) -> Held:
         held = self.held.get(lease_id)
@@ -491,7 +508,7 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
     async with open_network(settings) as net:
         node = SchedulerNode(net, requirements, workers=job.workers, lease_ttl=job.lease_ttl,
                              offer_window=job.offer_window, job_config=job.job_config(),
-                             dataset=job.dataset, data_seed=job.data_seed)
+                             dataset=job.dataset, data_seed=job.data_seed, files=job.files)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             if config.metrics.port is not None:

@@ -89,7 +89,7 @@ refused(403, dest="link/slice.safetensors", source="data", dataset=dataset)
 refused(403, dest=".hypha/job.json", source="data", dataset=dataset)
 refused(400, dest="copy", source="path", path="../../escape")
 refused(403, dest="copy", source="path", path=sys.argv[1])
-refused(501, dest="copy", source="peer", peer=job["scheduler"], path="weights")
+refused(502, dest="copy", source="peer", peer=job["scheduler"], path="weights")  # serves no files
 refused(400, dest="x", source="data", dataset="Not A Name")
 
 by_digest = {{s["sha256"]: i for i, s in enumerate(manifest["slices"])}}

@@ -60,6 +60,9 @@ SAMPLES: dict[type[M.Message], M.Message] = {s.__class__: s for s in [
     M.FetchSlice(dataset="fineweb-edu.10b", slice=17),
     M.SliceComing(dataset="fineweb-edu.10b", slice=17, size=512 << 20,
                   stream="fineweb-edu.10b/17"),
+    M.FetchFile(path="weights/model.safetensors"),
+    M.FileComing(path="weights/model.safetensors", size=5 << 20, sha256="ab" * 32,
+                 stream="file-fetch:00112233445566778899aabbccddeeff"),
     M.HealthCheck(),
     M.Health(status="ok", role="worker", version="0.1.0", uptime=12.5),
 ]}

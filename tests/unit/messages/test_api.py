@@ -11,8 +11,8 @@ import hypha.messages as M
 from hypha.net import Protocol
 from tests.unit.messages._samples import MESSAGE_TYPES
 
-MODULES = ["data_slice", "dispatch_job", "health", "job_status", "metrics", "renew_lease",
-           "worker_offer", "worker_request"]
+MODULES = ["data_slice", "dispatch_job", "file_fetch", "health", "job_status", "metrics",
+           "renew_lease", "worker_offer", "worker_request"]
 
 
 def test_exports() -> None:
@@ -27,10 +27,10 @@ def test_exports() -> None:
 def test_message_types() -> None:
     assert sorted(c.__name__ for c in MESSAGE_TYPES) == sorted([
         "DataSliceAssignment", "DataSliceDone", "DataSliceRecorded", "DataSliceRequest",
-        "DispatchJob", "Executor", "Fetch", "FetchSlice", "Health", "HealthCheck", "JobAccepted",
-        "JobSpec", "JobStatus", "JobStopped", "LeaseRenewed", "MetricsReceived", "MetricsReport",
-        "OfferReceived", "RenewLease", "Resources", "SliceComing", "StatusReceived", "StopJob",
-        "WorkerOffer", "WorkerRequest",
+        "DispatchJob", "Executor", "Fetch", "FetchFile", "FetchSlice", "FileComing", "Health",
+        "HealthCheck", "JobAccepted", "JobSpec", "JobStatus", "JobStopped", "LeaseRenewed",
+        "MetricsReceived", "MetricsReport", "OfferReceived", "RenewLease", "Resources",
+        "SliceComing", "StatusReceived", "StopJob", "WorkerOffer", "WorkerRequest",
     ])
 
 
@@ -45,6 +45,7 @@ RPCS: dict[str, tuple[type[M.Message], type[M.Message]]] = {
     "data-slice": (M.DataSliceRequest, M.DataSliceAssignment),
     "data-slice-done": (M.DataSliceDone, M.DataSliceRecorded),
     "data-fetch": (M.FetchSlice, M.SliceComing),
+    "file-fetch": (M.FetchFile, M.FileComing),
     "health": (M.HealthCheck, M.Health),
 }
 
