@@ -22,19 +22,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _read_until(proc: trio.Process, pattern: str, seen: list[str]) -> re.Match[str]:
+    """The first line of the gateway's log, read so far or still to come, matching ``pattern``.
+
+    ``seen`` holds every complete line read, and a last item with the incomplete rest."""
     assert proc.stderr is not None
-    buf = ""
+    regex = re.compile(pattern)
+    if not seen:
+        seen.append("")
     while True:
-        data = await proc.stderr.receive_some(4096)
-        if not data:
-            raise AssertionError("gateway exited:\n" + "".join(seen) + buf)
-        buf += data.decode()
-        *lines, buf = buf.split("\n")
-        for line in lines:
-            seen.append(line + "\n")
-            match = re.search(pattern, line)
+        for line in seen[:-1]:
+            match = regex.search(line)
             if match:
                 return match
+        data = await proc.stderr.receive_some(4096)
+        if not data:
+            raise AssertionError("gateway exited:\n" + "\n".join(seen))
+        *lines, rest = (seen.pop() + data.decode()).split("\n")
+        seen.extend([*lines, rest])
 
 
 async def test_gateway_process_bootstraps_nodes_and_reloads_its_crl_on_sighup(
@@ -86,7 +90,7 @@ async def test_gateway_process_bootstraps_nodes_and_reloads_its_crl_on_sighup(
                 await proc.wait()
             if proc.returncode is None:
                 proc.kill()
-    assert proc.returncode in (0, 130, -signal.SIGINT), "".join(seen)
+    assert proc.returncode in (0, 130, -signal.SIGINT), "\n".join(seen)
 
 
 def test_gateway_with_unusable_tls_files_exits_2(pki: PKI, tmp_path: Path) -> None:
