@@ -108,10 +108,26 @@ class Cluster:
                                 "--job-cpu", "1", "--job-memory", "64MiB",
                                 "--job-storage", "1MiB", *args)
 
-    def stop_all(self) -> None:
-        for node in self.nodes:
+    async def stop_all(self) -> None:
+        """SIGTERM every node (a clean stop: workers stop their jobs), SIGKILL what lingers."""
+        live = [n for n in self.nodes if n.proc.returncode is None]
+        for node in live:
+            node.proc.send_signal(signal.SIGTERM)
+        with trio.CancelScope(shield=True), trio.move_on_after(15):
+            for node in live:
+                await node.proc.wait()
+        for node in live:
             if node.proc.returncode is None:
                 node.proc.send_signal(signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
 
 
 async def _scrape(url: str) -> str:
@@ -169,7 +185,7 @@ async def test_processes_allocate_expire_and_replace(pki: PKI, tmp_path: Path) -
                 for name in ("cheap", "whole"):
                     await workers[name].wait_for(r"lease \S+ of scheduler \S+ expired: freeing")
         finally:
-            cluster.stop_all()
+            await cluster.stop_all()
 
 
 async def test_a_dead_worker_is_replaced_by_a_new_lease(pki: PKI, tmp_path: Path) -> None:
@@ -186,12 +202,16 @@ async def test_a_dead_worker_is_replaced_by_a_new_lease(pki: PKI, tmp_path: Path
                 await sched.wait_for(r"job \S+ on \S+: running")
                 [first] = _leases(sched)
                 dead, alive = (a, b) if first == a.peer_id else (b, a)
+                job = (await dead.wait_for(r"job \S+: running \(pid (\d+)\)"))[0]
                 dead.proc.send_signal(signal.SIGKILL)
                 await sched.wait_for(rf"lost worker {dead.peer_id}")
+                # the killed worker's job did not outlive it
+                while _alive(int(job.group(1))):
+                    await trio.sleep(0.1)
                 await sched.wait_for(rf"leased .* from {alive.peer_id}")
                 await sched.wait_for(rf"job \S+ on {alive.peer_id}: running")
         finally:
-            cluster.stop_all()
+            await cluster.stop_all()
 
 
 async def test_no_offer_below_the_floor_and_one_lease_for_two_competing_schedulers(
@@ -222,7 +242,7 @@ async def test_no_offer_below_the_floor_and_one_lease_for_two_competing_schedule
                 assert not [ln for ln in proud.lines if "offered" in ln], proud.log()
                 assert proud.peer_id not in leases
         finally:
-            cluster.stop_all()
+            await cluster.stop_all()
 
 
 FETCHER = '''\
@@ -282,4 +302,4 @@ async def test_a_process_job_fetches_a_data_slice_through_the_bridge(pki: PKI,
                 [job_dir] = (tmp_path / "work").glob("hypha-*")
                 assert (job_dir / "data" / "slice.safetensors").stat().st_size > 0
         finally:
-            cluster.stop_all()
+            await cluster.stop_all()
