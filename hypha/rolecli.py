@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from hypha.config import (
     write_config,
 )
 
-__all__ = ["RoleCLI", "until_stopped"]
+__all__ = ["RoleCLI", "serve_node", "until_stopped"]
 
 _COMMANDS = ("init", "run")
 
@@ -124,3 +125,32 @@ async def until_stopped(log: logging.Logger) -> None:
         async for signum in signals:
             log.info("%s: shutting down", signal.Signals(signum).name)
             return
+
+
+async def serve_node(node: Any, metrics: Any, log: logging.Logger, task_status: Any, *,
+                     done: Any = None) -> None:
+    """Run a role's node until SIGINT/SIGTERM (or until the ``done`` event is set).
+
+    Starts ``node.run``, serves ``node.collect_metrics`` on ``/metrics`` when the role's
+    ``[metrics]`` section gives a port, and reports ``node`` through ``task_status``.
+    """
+    import trio
+
+    from hypha.metrics import serve_metrics
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        if metrics.port is not None:
+            await nursery.start(partial(serve_metrics, node.collect_metrics, host=metrics.host,
+                                        port=metrics.port))
+        task_status.started(node)
+        if done is None:
+            await until_stopped(log)
+        else:
+            async def stop_on_signal() -> None:
+                await until_stopped(log)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            await done.wait()
+        nursery.cancel_scope.cancel()

@@ -28,7 +28,6 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,7 +48,7 @@ from hypha.messages import (
     decode,
     encode,
 )
-from hypha.metrics import counter, gauge, serve_metrics
+from hypha.metrics import counter, gauge
 from hypha.net import (
     DialError,
     MTLSTransport,
@@ -60,7 +59,7 @@ from hypha.net import (
     open_network,
     settings_from_sections,
 )
-from hypha.rolecli import until_stopped
+from hypha.rolecli import serve_node
 
 __all__ = [
     "CHUNK_SIZE",
@@ -364,13 +363,6 @@ async def run(config: DataConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
         return 2
     async with open_network(settings) as net:
         node = DataNode(net, datasets, max_transfers=config.data.max_transfers)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            if config.metrics.port is not None:
-                await nursery.start(partial(serve_metrics, node.collect_metrics,
-                                            host=config.metrics.host, port=config.metrics.port))
-            task_status.started(node)
-            await until_stopped(log)
-            nursery.cancel_scope.cancel()
+        await serve_node(node, config.metrics, log, task_status)
     log.info("data node stopped: %d slices (%d bytes) sent", node.slices_sent, node.bytes_sent)
     return 0

@@ -35,7 +35,6 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ from hypha.messages import (
     encode,
     new_id,
 )
-from hypha.metrics import gauge, serve_metrics
+from hypha.metrics import gauge
 from hypha.net import (
     MTLSTransport,
     Network,
@@ -81,7 +80,7 @@ from hypha.net import (
     open_network,
     settings_from_sections,
 )
-from hypha.rolecli import until_stopped
+from hypha.rolecli import serve_node
 from hypha.scheduler.allocator import Requirements, choose
 from hypha.scheduler.config import SchedulerConfig
 
@@ -509,19 +508,6 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
         node = SchedulerNode(net, requirements, workers=job.workers, lease_ttl=job.lease_ttl,
                              offer_window=job.offer_window, job_config=job.job_config(),
                              dataset=job.dataset, data_seed=job.data_seed, files=job.files)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            if config.metrics.port is not None:
-                await nursery.start(partial(serve_metrics, node.collect_metrics,
-                                            host=config.metrics.host, port=config.metrics.port))
-            task_status.started(node)
-
-            async def stop_on_signal() -> None:
-                await until_stopped(log)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(stop_on_signal)
-            await node.finished.wait()
-            nursery.cancel_scope.cancel()
+        await serve_node(node, config.metrics, log, task_status, done=node.finished)
     log.info("scheduler stopped: %s", "a job failed" if node.failed else "all jobs finished")
     return 1 if node.failed else 0

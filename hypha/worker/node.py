@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import aclosing
-from functools import partial
 from typing import Any
 
 import trio
@@ -49,7 +48,7 @@ from hypha.messages import (
     decode,
     encode,
 )
-from hypha.metrics import counter, gauge, serve_metrics
+from hypha.metrics import counter, gauge
 from hypha.net import (
     MTLSTransport,
     Network,
@@ -57,7 +56,7 @@ from hypha.net import (
     open_network,
     settings_from_sections,
 )
-from hypha.rolecli import until_stopped
+from hypha.rolecli import serve_node
 from hypha.worker.arbiter import Arbiter, batches
 from hypha.worker.config import WorkerConfig
 from hypha.worker.jobs import JobManager
@@ -256,14 +255,7 @@ async def run(config: WorkerConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
                           prefetch=config.jobs.prefetch, fetch_dirs=config.jobs.fetch_dirs)
         node = WorkerNode(net, arbiter, jobs, batch_window=config.jobs.batch_window,
                           version=hypha.__version__)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            if config.metrics.port is not None:
-                await nursery.start(partial(serve_metrics, node.collect_metrics,
-                                            host=config.metrics.host, port=config.metrics.port))
-            task_status.started(node)
-            await until_stopped(log)
-            nursery.cancel_scope.cancel()
+        await serve_node(node, config.metrics, log, task_status)
     log.info("worker stopped")
     return 0
 
