@@ -24,6 +24,7 @@ import shutil
 import sysconfig
 import tempfile
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -362,13 +363,16 @@ def prepare_images(
         return writer.commit("images", images=ImagesInfo(images.classes, images.shape))
 
 
-class _Images:
+class _Images(ABC):
+    """A source of labelled images: an ``.npz`` file or a folder of class directories."""
+
     classes: tuple[str, ...]
     shape: tuple[int, int, int] | None
     count: int
 
+    @abstractmethod
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """``(images uint8 [n, H, W, C], labels int64 [n])`` of the examples ``indices``."""
 
 
 class _NpzImages(_Images):

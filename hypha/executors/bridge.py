@@ -203,7 +203,6 @@ class BridgeBackend(Protocol):
     ``FileNotFoundError``                           404
     ``IsADirectoryError``, ``NotADirectoryError``   400
     ``PermissionError``                             403
-    ``NotImplementedError``                         501
     ``TimeoutError``, ``trio.TooSlowError``         504
     ==============================================  ======
 
@@ -356,8 +355,6 @@ def _error_response(error: Exception) -> tuple[int, str, dict[str, object]]:
         return 400, f"{error.strerror or 'wrong kind of file'}: {error.filename or error}", {}
     if isinstance(error, PermissionError):
         return 403, f"permission denied: {error.filename or error}", {}
-    if isinstance(error, NotImplementedError):
-        return 501, str(error) or "not implemented by this worker", {}
     if isinstance(error, TimeoutError | trio.TooSlowError):
         return 504, str(error) or "timed out", {}
     return 500, f"internal error: {type(error).__name__}: {error}", {}

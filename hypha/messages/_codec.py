@@ -47,6 +47,7 @@ import math
 import re
 import types
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Final, Literal, NoReturn, TypeVar, dataclass_transform
@@ -186,13 +187,14 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-class _Spec:
+class _Spec(ABC):
     """Checks and normalises one field's value; ``wire`` is True for decoded msgpack values."""
 
     allowed: str
 
+    @abstractmethod
     def convert(self, value: Any, path: str, wire: bool) -> Any:
-        raise NotImplementedError
+        """The checked value (normalised), or a MessageError naming ``path``."""
 
     def plain(self, value: Any) -> Any:
         """The value as msgpack packs it."""

@@ -385,7 +385,7 @@ class _ScriptedBackend:
         return 0
 
     async def send(self, path: Path, peers: list[str], strategy: str, name: str) -> list[str]:
-        raise NotImplementedError("no sending here")
+        raise BridgeError(501, "no sending here")
 
     async def incoming(self) -> AsyncIterator[IncomingFile]:
         raise BridgeError(503, "the network is down")
@@ -395,7 +395,7 @@ class _ScriptedBackend:
 @pytest.mark.parametrize(("error", "status", "message"), [
     (BridgeError(502, "peer hung up"), 502, "peer hung up"),
     (FileNotFoundError(2, "No such file", "w.bin"), 404, "not found: w.bin"),
-    (NotImplementedError("no datasets here"), 501, "no datasets here"),
+    (BridgeError(501, "no datasets here"), 501, "no datasets here"),
     (TimeoutError("peer too slow"), 504, "peer too slow"),
     (trio.TooSlowError(), 504, "timed out"),
     (PermissionError(13, "denied", "x"), 403, "permission denied: x"),
