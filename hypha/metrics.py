@@ -12,15 +12,14 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from hypha._asgi import answer_lifespan, serve_asgi
 
 __all__ = ["Collect", "counter", "gauge", "serve_metrics"]
 
@@ -64,13 +63,8 @@ async def serve_metrics(collect: Collect, *, host: str = "127.0.0.1", port: int 
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
@@ -98,17 +92,10 @@ async def serve_metrics(collect: Collect, *, host: str = "127.0.0.1", port: int 
         sock.close()
         raise ValueError(f"metrics: cannot listen on {host}:{port}: {exc.strerror}") from exc
     bound = sock.getsockname()[1]
-    config = Config()
-    config.errorlog = logging.getLogger("hypha.metrics.http")
-    config.accesslog = None
-    config.include_server_header = False
-    # NOTE: worker_serve takes a ready socket (hypercorn.trio.serve only a bind string); see
-    # hypha/executors/bridge.py for the same choice.
-    wrapped = wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi")
-    sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(worker_serve, wrapped, config, sockets=sockets))
+            await nursery.start(partial(serve_asgi, app, sock,
+                                        log=logging.getLogger("hypha.metrics.http")))
             log.info("metrics at http://%s:%d/metrics", host, bound)
             task_status.started(bound)
     finally:

@@ -33,9 +33,23 @@ from hypha.config import (
     write_config,
 )
 
-__all__ = ["RoleCLI", "serve_node", "until_stopped"]
+__all__ = ["RaisingParser", "RoleCLI", "UsageError", "serve_node", "until_stopped"]
 
 _COMMANDS = ("init", "run")
+
+
+class RaisingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors raise :class:`UsageError`, so that a tool's main()
+    reports every error one way (one line, exit 2) instead of argparse exiting on its own."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, self)
+
+
+class UsageError(Exception):
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
 @dataclass(frozen=True)

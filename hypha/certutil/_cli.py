@@ -37,6 +37,7 @@ from hypha.certutil._pki import (
     write_crl,
     write_private_key,
 )
+from hypha.rolecli import RaisingParser, UsageError
 
 __all__ = ["PROG", "main"]
 
@@ -56,17 +57,6 @@ _REASONS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors raise, so that main() reports every error one way."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message, self)
-
-
-class _UsageError(Exception):
-    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
-        super().__init__(message)
-        self.parser = parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         args.run(args)
-    except _UsageError as exc:
+    except UsageError as exc:
         exc.parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -92,13 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = RaisingParser(
         prog=PROG,
         description="Create the certificates of a Hypha network: a root CA, organisation CAs "
         "signed by it, node certificates signed by an organisation, and the organisations' CRLs. "
         "Keys are Ed25519 (PKCS#8 PEM, mode 0600); certificates are plain X.509 PEM.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RaisingParser)
 
     p = sub.add_parser(
         "root", help="create a root CA", description="Create a root CA: NAME.pem, NAME.key."

@@ -36,7 +36,7 @@ from hypha.data.prepare import (
     prepare_text,
 )
 from hypha.data.slices import Dataset, DatasetError, Manifest
-from hypha.rolecli import RoleCLI
+from hypha.rolecli import RaisingParser, RoleCLI, UsageError
 
 __all__ = ["CLI", "PROG", "main"]
 
@@ -54,17 +54,6 @@ _ERROR = "hypha data: error:"
 _NODE_COMMANDS = ("init", "run")
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors raise, so that main() reports every error one way."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message, self)
-
-
-class _UsageError(Exception):
-    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
-        super().__init__(message)
-        self.parser = parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (args.usage_parser if hasattr(args, "usage_parser") else parser).print_help(sys.stderr)
             return 2
         return int(args.run(args))
-    except _UsageError as exc:
+    except UsageError as exc:
         exc.parser.print_usage(sys.stderr)
         print(f"{_ERROR} {exc}", file=sys.stderr)
         return 2
@@ -115,12 +104,12 @@ def _non_negative(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = RaisingParser(
         prog=PROG,
         description="Hypha data node: prepare datasets as SafeTensors slices, and serve them to "
         "workers.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RaisingParser)
     # NOTE: listed for --help only; main() hands `init` and `run` to CLI before parsing.
     commands.add_parser("init", help="write a commented config file for the node")
     commands.add_parser("run", help="start the data node: announce the datasets, serve slices "
@@ -131,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Turn a corpus into DIR/NAME/manifest.json and DIR/NAME/slice-*.safetensors.",
     )
     prepare.set_defaults(usage_parser=prepare)
-    kinds = prepare.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+    kinds = prepare.add_subparsers(dest="kind", metavar="KIND", parser_class=RaisingParser)
 
     text = kinds.add_parser(
         "text",
@@ -236,7 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_text(args: argparse.Namespace) -> int:
     if args.input is not None and args.name is None:
-        raise _UsageError("--name is required with --input", args.usage_parser)
+        raise UsageError("--name is required with --input", args.usage_parser)
     if args.builtin is not None:
         manifest = prepare_builtin_text(
             args.builtin,

@@ -38,10 +38,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Protocol, cast
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
+from hypha._asgi import answer_lifespan, serve_asgi
 from hypha.executors._paths import (
     MAX_PATH_BYTES,
     AtomicFile,
@@ -549,19 +547,11 @@ class JobBridge:
         """Serve until cancelled; reports the socket path once it accepts connections."""
         path = self.bind()
         assert self._listener is not None
-        config = Config()
-        config.errorlog = logging.getLogger(f"{__name__}.http")
-        config.accesslog = None
-        config.include_server_header = False
-        config.keep_alive_timeout = 30.0
-        # NOTE: hypercorn.trio.serve() cannot take a ready socket, only a bind string; the
-        # worker_serve() it wraps can, so we keep the binding (and the 0600 mode) in our hands.
-        app = wrap_app(cast(Any, self._asgi), config.wsgi_max_body_size, "asgi")
-        sockets = Sockets(secure_sockets=[], insecure_sockets=[self._listener.sock],
-                          quic_sockets=[])
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(worker_serve, app, config, sockets=sockets))
+                await nursery.start(partial(
+                    serve_asgi, self._asgi, self._listener.sock,
+                    log=logging.getLogger(f"{__name__}.http"), keep_alive_timeout=30.0))
                 log.info("job %s: bridge listening on %s", self.job_id, path)
                 task_status.started(path)
         finally:
@@ -571,13 +561,7 @@ class JobBridge:
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
         elif scope["type"] == "http":
