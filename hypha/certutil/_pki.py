@@ -24,8 +24,9 @@ import itertools
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -75,6 +76,9 @@ _CA_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _MAX_NAME = 64
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
+
+
+T = TypeVar("T")
 
 
 class PKIError(Exception):
@@ -414,28 +418,23 @@ def load_private_key(path: PathLike) -> Ed25519PrivateKey:
 
 def load_certificates(path: PathLike) -> list[x509.Certificate]:
     """The certificates in PEM file ``path``, in file order (for a node: leaf, then its org)."""
-    name = os.fspath(path)
-    blocks = _pem_blocks(name, "CERTIFICATE", "certificate")
-    certs = []
-    for i, block in enumerate(blocks, 1):
-        try:
-            certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError as exc:
-            raise PKIError(f"{name}: certificate #{i} is malformed ({exc})") from None
-    return certs
+    return _load_pem(path, "CERTIFICATE", "certificate", x509.load_pem_x509_certificate)
 
 
 def load_crls(path: PathLike) -> list[x509.CertificateRevocationList]:
     """The CRLs in PEM file ``path``, in file order."""
+    return _load_pem(path, "X509 CRL", "CRL", x509.load_pem_x509_crl)
+
+
+def _load_pem(path: PathLike, label: str, what: str, load: Callable[[bytes], T]) -> list[T]:
     name = os.fspath(path)
-    blocks = _pem_blocks(name, "X509 CRL", "CRL")
-    crls = []
-    for i, block in enumerate(blocks, 1):
+    items = []
+    for i, block in enumerate(_pem_blocks(name, label, what), 1):
         try:
-            crls.append(x509.load_pem_x509_crl(block))
+            items.append(load(block))
         except ValueError as exc:
-            raise PKIError(f"{name}: CRL #{i} is malformed ({exc})") from None
-    return crls
+            raise PKIError(f"{name}: {what} #{i} is malformed ({exc})") from None
+    return items
 
 
 def load_identity(cert_path: PathLike, key_path: PathLike) -> Identity:
