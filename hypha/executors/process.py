@@ -30,7 +30,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,33 +101,8 @@ class RunningJob:
         self._stop.cancel()
 
 
-# NOTE: a job must not outlive its worker. A worker that is killed (SIGKILL, OOM) cannot stop its
-# jobs, and a job started in its own session is not in the worker's process group either; so on
-# Linux the job is started through this guard, which asks the kernel to SIGKILL it when the
-# worker dies (PR_SET_PDEATHSIG survives exec) and then execs the real command. The guard is a few
-# lines of stdlib Python: ~15 ms per job start.
-_ORPHAN_GUARD = """\
-import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):
-    os._exit(1)  # the worker died before the guard took hold: do not start the job
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except OSError as error:
-    print(f"cannot start {sys.argv[2]!r}: {error.strerror}", file=sys.stderr)
-    os._exit(127)
-"""
-
-
-def _guarded(argv: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return argv
-    return [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *argv]
-
-
 def _check_runnable(program: str, env: Mapping[str, str], cwd: Path) -> None:
-    """Raise FileNotFoundError/PermissionError now, as a direct exec would (the guard execs
-    later, where the error would only be an exit code)."""
+    """Raise FileNotFoundError/PermissionError before anything starts, with the program named."""
     if os.sep in program:
         path = Path(program) if os.path.isabs(program) else cwd / program
         if not path.is_file():
@@ -310,7 +284,7 @@ class _Attempt:
             try:
                 _check_runnable(argv[0], env, root)
                 process = await trio.lowlevel.open_process(
-                    _guarded(argv), cwd=root, env=env, stdin=subprocess.DEVNULL,
+                    argv, cwd=root, env=env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             except OSError as error:
                 raise JobStartError(f"cannot start {argv[0]!r}: "
