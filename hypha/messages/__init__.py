@@ -19,6 +19,7 @@ module                     protocol           messages
                            data-fetch/1       worker → data node: FetchSlice → SliceComing
 ``file_fetch``             file-fetch/1       any → a node serving files: FetchFile → FileComing
 ``health``                 health/1           any → any: HealthCheck → Health
+``round_plan``             round-plan/1       parameter server → scheduler: RoundPlanRequest → RoundPlan
 =========================  =================  ====================================================
 
 Messages are frozen keyword-only dataclasses that check themselves when built and when decoded
@@ -93,6 +94,7 @@ from hypha.messages.health import HEALTH, Health, HealthCheck, HealthStatus, Rol
 from hypha.messages.job_status import JOB_STATUS, JobState, JobStatus, StatusReceived
 from hypha.messages.metrics import METRICS, MetricName, MetricsReceived, MetricsReport
 from hypha.messages.renew_lease import RENEW_LEASE, LeaseRenewed, RenewLease
+from hypha.messages.round_plan import ROUND_PLAN, RoundPlan, RoundPlanRequest
 from hypha.messages.worker_offer import WORKER_OFFER, OfferReceived, WorkerOffer
 from hypha.messages.worker_request import WORKER_TOPIC, WorkerRequest
 from hypha.net import Protocol
@@ -101,7 +103,7 @@ from hypha.net import Protocol
 #: is ``/hypha/metrics/1``).
 PROTOCOLS: Final = MappingProxyType[str, Protocol]({p.name: p for p in (
     WORKER_OFFER, RENEW_LEASE, DISPATCH_JOB, STOP_JOB, JOB_STATUS, METRICS, DATA_SLICE,
-    DATA_SLICE_DONE, DATA_FETCH, FILE_FETCH, HEALTH)})
+    DATA_SLICE_DONE, DATA_FETCH, FILE_FETCH, HEALTH, ROUND_PLAN)})
 
 __all__ = [
     "DATA_FETCH",
@@ -117,6 +119,7 @@ __all__ = [
     "METRICS",
     "PROTOCOLS",
     "RENEW_LEASE",
+    "ROUND_PLAN",
     "SCHEMA_VERSION",
     "STOP_JOB",
     "WORKER_OFFER",
@@ -158,6 +161,8 @@ __all__ = [
     "RenewLease",
     "Resources",
     "Role",
+    "RoundPlan",
+    "RoundPlanRequest",
     "SliceComing",
     "StatusReceived",
     "StopJob",

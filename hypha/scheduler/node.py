@@ -26,17 +26,33 @@
    ``/hypha/file-fetch/1`` (:class:`~hypha.files.FileServer`) to the workers this scheduler
    holds a lease on, and nobody else. The job's config carries ``files_peer`` (this peer) so
    that the script knows whom to ask (``POST /resources/fetch`` with ``source: "peer"``).
+7. **DiLoCo** (a :class:`DiLoCo` run): first lease one worker offering the built-in
+   parameter-server executor and dispatch the parameter-server job to it (config: the job's
+   settings plus ``role="parameter-server"``, ``rounds``, ``round_timeout``, ``workers`` and
+   ``scheduler``); then lease the ``workers`` training workers, never on the parameter server's
+   peer, and dispatch the training job (``role="train"``, ``parameter_server``, ``rounds``,
+   ``sync_batches``, plus ``dataset``/``scheduler``/``files_peer`` as above). Every metrics
+   report of a training job (values ``round``, ``round_step``, ``batch_seconds``) goes to the
+   :class:`~hypha.scheduler.sync.SyncPlanner`, and the answer tells the job how many batches to
+   run in its round and where the parameter server is, so a replaced parameter server is found
+   again. ``/hypha/round-plan/1`` tells the parameter-server job (only it) which training
+   workers run now and how long to wait for them. A lost parameter server is replaced like any
+   other worker. The run ends when every training job and the parameter-server job have ended.
+8. **Event log** (``metrics_log``): one JSON object per line for every metrics report, job
+   status change, lease and lost worker (:class:`EventLog`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Final
 
 import trio
 from libp2p.peer.id import ID
@@ -65,6 +81,8 @@ from hypha.messages import (
     MetricsReport,
     OfferReceived,
     RenewLease,
+    RoundPlan,
+    RoundPlanRequest,
     StatusReceived,
     WorkerOffer,
     WorkerRequest,
@@ -82,9 +100,11 @@ from hypha.net import (
 )
 from hypha.rolecli import serve_node
 from hypha.scheduler.allocator import Requirements, choose
-from hypha.scheduler.config import SchedulerConfig
+from hypha.scheduler.config import MAX_SYNC_BATCHES, SchedulerConfig
+from hypha.scheduler.sync import SyncPlanner
 
-__all__ = ["Held", "SchedulerNode", "run"]
+__all__ = ["PARAMETER_SERVER", "PLAIN_JOB", "TRAIN", "DiLoCo", "EventLog", "Held",
+           "SchedulerNode", "run"]
 
 log = logging.getLogger("hypha.scheduler")
 
@@ -101,6 +121,93 @@ DATA_RETRY = (0.5, 30.0)
 DHT_TIMEOUT = 30.0
 #: Seconds between refreshes of the dataset's providers once one is known.
 PROVIDER_REFRESH = 60.0
+#: The most a metrics report's ``round`` or ``round_step`` may be.
+MAX_COUNT: Final = 1 << 32
+
+#: Roles of a leased worker: the one job of a plain run, or a DiLoCo run's two kinds.
+PLAIN_JOB: Final = "job"
+TRAIN: Final = "train"
+PARAMETER_SERVER: Final = "parameter-server"
+_ENDED: Final = ("finished", "failed")
+
+
+@dataclass(frozen=True)
+class DiLoCo:
+    """A DiLoCo run (Douillard et al., arXiv:2311.08105): one worker runs the built-in
+    parameter server (leased with ``parameter_server``), the others train; ``rounds`` outer
+    rounds of nominally ``sync_batches`` batches per worker, split by speed when
+    ``perf_aware``; the parameter server waits ``round_timeout`` seconds after the first
+    complete contribution of a round."""
+
+    parameter_server: Requirements
+    rounds: int = 10
+    sync_batches: int = 50
+    perf_aware: bool = True
+    round_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.parameter_server.executor.kind != "parameter-server":
+            raise ValueError("DiLoCo: the parameter server's executor must be of kind "
+                             f"'parameter-server', got {self.parameter_server.executor.kind!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"DiLoCo: rounds must be an integer >= 1, got {self.rounds!r}")
+        if isinstance(self.sync_batches, bool) or not isinstance(self.sync_batches, int) \
+                or not 1 <= self.sync_batches <= MAX_SYNC_BATCHES:
+            raise ValueError(f"DiLoCo: sync_batches must be an integer in [1, "
+                             f"{MAX_SYNC_BATCHES}], got {self.sync_batches!r}")
+        if not isinstance(self.perf_aware, bool):
+            raise ValueError(f"DiLoCo: perf_aware must be True or False, got "
+                             f"{self.perf_aware!r}")
+        if not (isinstance(self.round_timeout, int | float) and math.isfinite(self.round_timeout)
+                and 0 < self.round_timeout <= 86400):
+            raise ValueError(f"DiLoCo: round_timeout must be seconds in (0, 86400], got "
+                             f"{self.round_timeout!r}")
+
+
+class EventLog:
+    """Appends one JSON object per line to ``path`` (nothing when ``path`` is None)::
+
+        {"time": 1764000000.1, "event": "metrics", "job": "…", "worker": "12D3…",
+         "role": "train", "step": 120, "values": {"loss": 2.31, "round": 2, ...}}
+        {"time": …, "event": "status", "job", "worker", "role", "state", "message"}
+        {"time": …, "event": "lease", "job": null, "worker", "role", "lease", "price"}
+        {"time": …, "event": "lost", "job", "worker", "role", "lease", "reason"}
+
+    ``time`` is the scheduler's Unix time. A failure to write is logged once and never raised;
+    the next event tries again (reopening the file).
+    """
+
+    def __init__(self, path: Path | None, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._file: IO[str] | None = None
+        self._warned = False
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self.path is None:
+            return
+        try:
+            line = json.dumps({"time": self._clock(), "event": event, **fields},
+                              separators=(",", ":"), allow_nan=False)
+            if self._file is None:
+                # NOTE: blocking writes in the trio thread: one short line to a local,
+                # line-buffered file costs less than handing it to a worker thread.
+                self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+            self._file.write(line + "\n")
+        except (OSError, ValueError, TypeError) as exc:
+            if not self._warned:
+                log.error("cannot append to the metrics log %s: %s (further failures are not "
+                          "logged)", self.path, exc)
+                self._warned = True
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
 
 @dataclass
@@ -112,6 +219,8 @@ class Held:
     expires: float  #: unix time, as the worker reported it
     job_id: str | None = None
     state: str = "leased"
+    role: str = PLAIN_JOB  #: PLAIN_JOB, TRAIN or PARAMETER_SERVER
+    spec: JobSpec | None = None  #: the job dispatched under this lease
 
 
 @dataclass
@@ -127,7 +236,8 @@ class SchedulerNode:
                  lease_ttl: float = 30.0, offer_window: float = 0.5,
                  job_config: dict[str, str] | None = None, dispatch: bool = True,
                  dataset: str | None = None, data_seed: int = 0,
-                 files: Path | None = None) -> None:
+                 files: Path | None = None, diloco: DiLoCo | None = None,
+                 metrics_log: Path | None = None) -> None:
         self.net = net
         self.requirements = requirements
         self.workers = workers
@@ -156,6 +266,15 @@ class SchedulerNode:
         self._next_provider = 0
         self._collecting: dict[str, _Collecting] = {}
         self._nursery: trio.Nursery | None = None
+        #: the DiLoCo run, if this is one, and the planner of its synchronisations
+        self.diloco = diloco
+        self.planner = (None if diloco is None
+                        else SyncPlanner(diloco.sync_batches, diloco.perf_aware))
+        self.events = EventLog(metrics_log)
+        #: job id → (role, final state) of every job that ended
+        self.ended: dict[str, tuple[str, str]] = {}
+        self._ps: Held | None = None  # the parameter server, once its job is dispatched
+        self._ps_ready = trio.Event()  # set while ``_ps`` is known
 
     # -- lifecycle -------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -165,33 +284,58 @@ class SchedulerNode:
         self.net.serve(PROTOCOLS["health"], self._on_health)
         self.net.serve(PROTOCOLS["data-slice"], self._on_data_slice)
         self.net.serve(PROTOCOLS["data-slice-done"], self._on_data_slice_done)
+        self.net.serve(PROTOCOLS["round-plan"], self._on_round_plan)
+
+    @property
+    def parameter_server(self) -> ID | None:
+        """The worker running the parameter-server job, once it is dispatched."""
+        return None if self._ps is None else self._ps.worker
+
+    def _total(self) -> int:
+        return self.workers + (0 if self.diloco is None else 1)
+
+    def _requirements(self, role: str) -> Requirements:
+        if role == PARAMETER_SERVER:
+            assert self.diloco is not None
+            return self.diloco.parameter_server
+        return self.requirements
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Find the dataset (if any), lease ``workers`` workers, dispatch, and keep everything
-        running until cancelled."""
+        """Find the dataset (if any), lease ``workers`` workers (in a DiLoCo run, the parameter
+        server first), dispatch, and keep everything running until cancelled."""
         self.serve()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.files is not None:
-                await nursery.start(self.files.run)
-            task_status.started()
-            if self.dataset is not None:
-                # NOTE: before leasing: a worker paid for while no data node serves the data
-                # would only wait.
-                await self.find_dataset()
-                nursery.start_soon(self._refresh_providers)
-            await self._fill(self.workers)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.files is not None:
+                    await nursery.start(self.files.run)
+                task_status.started()
+                if self.dataset is not None:
+                    # NOTE: before leasing: a worker paid for while no data node serves the
+                    # data would only wait.
+                    await self.find_dataset()
+                    nursery.start_soon(self._refresh_providers)
+                if self.diloco is None:
+                    await self._fill(self.workers, PLAIN_JOB)
+                else:
+                    # NOTE: the parameter server first: the trainers' config names it.
+                    await self._fill(1, PARAMETER_SERVER)
+                    await self._await_ps()
+                    await self._fill(self.workers, TRAIN)
+        finally:
+            self.events.close()
 
-    async def _fill(self, wanted: int) -> None:
-        """Allocate until ``wanted`` more workers are leased, advertising again with backoff."""
+    async def _fill(self, wanted: int, role: str) -> None:
+        """Allocate until ``wanted`` more workers are leased for ``role``, advertising again
+        with backoff."""
         delay, cap = RETRY
         while wanted > 0:
-            got = await self.allocate(wanted)
+            got = await self.allocate(wanted, role)
             wanted -= len(got)
             for held in got:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._keep, held)
-            if len([h for h in self.held.values()]) >= self.workers:
+            if len(self.held) >= self._total():
                 self.all_leased.set()
             if wanted > 0:
                 log.info("%d more worker(s) wanted; advertising again in %.1f s", wanted, delay)
@@ -199,12 +343,20 @@ class SchedulerNode:
                 delay = min(delay * 2, cap)
 
     # -- allocation --------------------------------------------------------------------------------
-    async def allocate(self, wanted: int) -> list[Held]:
-        """One round of the market: advertise, collect offers, choose, accept. Returns leases."""
+    async def allocate(self, wanted: int, role: str | None = None) -> list[Held]:
+        """One round of the market: advertise, collect offers, choose, accept. Returns leases
+        for ``role`` (default: the training job's)."""
+        if role is None:
+            role = PLAIN_JOB if self.diloco is None else TRAIN
+        if role not in (PLAIN_JOB, TRAIN, PARAMETER_SERVER) \
+                or (role == PLAIN_JOB) != (self.diloco is None):
+            raise ValueError(f"role {role!r} is not one of this run's: "
+                             f"{PLAIN_JOB if self.diloco is None else (TRAIN, PARAMETER_SERVER)}")
+        requirements = self._requirements(role)
         request = WorkerRequest(
             id=new_id(), scheduler=str(self.net.peer_id),
-            resources=self.requirements.resources, executor=self.requirements.executor,
-            bid=self.requirements.bid, deadline=time.time() + self.offer_window,
+            resources=requirements.resources, executor=requirements.executor,
+            bid=requirements.bid, deadline=time.time() + self.offer_window,
             lease_ttl=min(3600.0, self.offer_window + 10.0),
             addrs=[str(a) for a in [*self.net.addrs, *self.net.relay_addrs]][:8],
         )
@@ -216,12 +368,13 @@ class SchedulerNode:
         finally:
             offers = self._collecting.pop(request.id).offers
         busy = {str(h.worker) for h in self.held.values()}
-        chosen = choose(offers, self.requirements, wanted, exclude=self.lost | busy)
-        log.info("advertisement %s: %d offer(s), %d chosen", request.id, len(offers), len(chosen))
+        chosen = choose(offers, requirements, wanted, exclude=self.lost | busy)
+        log.info("advertisement %s (%s): %d offer(s), %d chosen", request.id, role, len(offers),
+                 len(chosen))
         accepted: list[Held] = []
 
         async def accept(offer: WorkerOffer) -> None:
-            held = await self._accept(offer)
+            held = await self._accept(offer, role)
             if held is not None:
                 accepted.append(held)
 
@@ -230,17 +383,19 @@ class SchedulerNode:
                 nursery.start_soon(accept, offer)
         return accepted
 
-    async def _accept(self, offer: WorkerOffer) -> Held | None:
+    async def _accept(self, offer: WorkerOffer, role: str) -> Held | None:
         worker = ID.from_base58(offer.worker)
         try:
             renewed = await self._renew(worker, offer.lease_id)
         except Exception as exc:  # a worker gone since its offer: take the next round
             log.warning("could not accept offer %s of %s: %s", offer.lease_id, worker, exc)
             return None
-        held = Held(worker, offer, renewed.expires)
+        held = Held(worker, offer, renewed.expires, role=role)
         self.held[offer.lease_id] = held
-        log.info("leased %s from %s at %.4g/h (lease %s)", offer.resources, worker, offer.price,
-                 offer.lease_id)
+        log.info("leased %s from %s at %.4g/h (lease %s, %s)", offer.resources, worker,
+                 offer.price, offer.lease_id, role)
+        self.events.write("lease", job=None, worker=str(worker), role=role,
+                          lease=offer.lease_id, price=offer.price)
         return held
 
     async def _renew(self, worker: ID, lease_id: str) -> LeaseRenewed:
@@ -261,6 +416,8 @@ class SchedulerNode:
                 log.error("dispatch to %s failed: %s; replacing it", held.worker, exc)
                 await self._lose(held, str(exc))
                 return
+        elif held.role == PARAMETER_SERVER:
+            self._set_ps(held)
         while held.state not in ("finished", "failed"):
             await trio.sleep(self.lease_ttl * RENEW_AT)
             if held.state in ("finished", "failed"):
@@ -277,16 +434,31 @@ class SchedulerNode:
         self._release(held.worker, held.job_id, f"job {held.job_id} is over")
 
     async def _dispatch(self, held: Held) -> None:
-        config = dict(self.job_config)
-        if self.dataset is not None:
-            config.update(dataset=self.dataset, scheduler=str(self.net.peer_id))
+        me = str(self.net.peer_id)
+        config: dict[str, str | int | float | bool] = dict(self.job_config)
+        if held.role == PARAMETER_SERVER:
+            assert self.diloco is not None
+            config.update(role=PARAMETER_SERVER, rounds=self.diloco.rounds,
+                          round_timeout=self.diloco.round_timeout, workers=self.workers,
+                          scheduler=me)
+        else:
+            if held.role == TRAIN:
+                assert self.diloco is not None
+                ps = await self._await_ps(held)
+                config.update(role=TRAIN, parameter_server=str(ps.worker),
+                              rounds=self.diloco.rounds, sync_batches=self.diloco.sync_batches)
+            if self.dataset is not None:
+                config.update(dataset=self.dataset, scheduler=me)
         if self.files is not None:
-            config.update(files_peer=str(self.net.peer_id))
-        job = JobSpec(id=new_id(), executor=self.requirements.executor, config=config,
-                      resources=[])
-        # NOTE: the job id is recorded before the worker answers: the job starts at once and
-        # its first status report or slice request may arrive before the JobAccepted reply.
-        held.job_id = job.id
+            config.update(files_peer=me)
+        job = JobSpec(id=new_id(), executor=self._requirements(held.role).executor,
+                      config=config, resources=[])
+        # NOTE: the job id is recorded (and a trainer joins the planner) before the worker
+        # answers: the job starts at once and its first status report, metrics report or slice
+        # request may arrive before the JobAccepted reply.
+        held.job_id, held.spec = job.id, job
+        if held.role == TRAIN and self.planner is not None:
+            self.planner.join(str(held.worker))
         try:
             with trio.fail_after(RPC_TIMEOUT):
                 reply = await self.net.request(held.worker, PROTOCOLS["dispatch-job"],
@@ -294,20 +466,51 @@ class SchedulerNode:
                                                                   job=job)))
             decode(JobAccepted, reply)
         except BaseException:
-            held.job_id = None
+            held.job_id, held.spec = None, None
+            self._leave_planner(held)
             raise
         self.messages["dispatch"] += 1
         if held.state == "leased":  # a fast job may have reported its end already
             held.state = "dispatched"
-        log.info("job %s dispatched to %s", job.id, held.worker)
+        if held.role == PARAMETER_SERVER:
+            self._set_ps(held)
+        log.info("%s job %s dispatched to %s", held.role, job.id, held.worker)
+
+    def _set_ps(self, held: Held) -> None:
+        self._ps = held
+        self._ps_ready.set()
+        log.info("the parameter server is %s", held.worker)
+
+    async def _await_ps(self, held: Held | None = None) -> Held:
+        """The parameter server, once one is dispatched; meanwhile ``held``'s lease is renewed
+        (a trainer leased while the parameter server is being replaced waits for it)."""
+        while self._ps is None:
+            with trio.move_on_after(self.lease_ttl * RENEW_AT if held is not None else math.inf):
+                await self._ps_ready.wait()
+            if self._ps is None and held is not None:
+                held.expires = (await self._renew(held.worker, held.offer.lease_id)).expires
+        return self._ps
+
+    def _leave_planner(self, held: Held) -> None:
+        if held.role == TRAIN and self.planner is not None and str(held.worker) in self.planner:
+            self.planner.leave(str(held.worker))
 
     async def _lose(self, held: Held, reason: str) -> None:
-        log.warning("lost worker %s (%s); finding a replacement", held.worker, reason)
+        log.warning("lost %s worker %s (%s); finding a replacement", held.role, held.worker,
+                    reason)
         self.held.pop(held.offer.lease_id, None)
         self._release(held.worker, None, "the worker was lost")
         self.lost.add(str(held.worker))
+        self.events.write("lost", job=held.job_id, worker=str(held.worker), role=held.role,
+                          lease=held.offer.lease_id, reason=reason)
+        self._leave_planner(held)
+        if self._ps is held:
+            # NOTE: the trainers learn the replacement from the answers to their metrics.
+            self._ps = None
+            if self._ps_ready.is_set():
+                self._ps_ready = trio.Event()
         self.all_leased = trio.Event()
-        await self._fill(1)
+        await self._fill(1, held.role)
 
     def collect_metrics(self) -> list[Metric]:
         """Prometheus metrics: leases, job states, the market's messages, the jobs' own metrics."""
@@ -327,7 +530,20 @@ class SchedulerNode:
                   labels={(k,): v for k, v in self.messages.items()}, label_names=("kind",)),
             gauge("hypha_job_metric", "the latest value of each metric a job reported",
                   labels=reported, label_names=("job", "name")),
+            gauge("hypha_scheduler_sync_batches", "batches each training worker was told to run "
+                  "in its current outer round", labels=self._sync_targets(),
+                  label_names=("worker", "round")),
         ]
+
+    def _sync_targets(self) -> dict[tuple[str, ...], float]:
+        if self.planner is None:
+            return {}
+        targets: dict[tuple[str, ...], float] = {}
+        for worker in self.planner.participants():
+            instruction = self.planner.instruction(worker)
+            if instruction is not None:
+                targets[(worker, str(instruction[0]))] = instruction[1]
+        return targets
 
     # -- handlers --------------------------------------------------------------------------------
     async def _on_offer(self, peer: ID, data: bytes) -> bytes:
@@ -356,25 +572,93 @@ class SchedulerNode:
     async def _on_status(self, peer: ID, data: bytes) -> bytes:
         status = _decode(JobStatus, data)
         held = self._held_by(peer, status.lease_id, status.job_id)
+        previous = self.statuses.get(status.job_id)
         self.statuses[status.job_id] = status
         self.messages["status received"] += 1
-        log.info("job %s on %s: %s%s", status.job_id, peer, status.state,
+        log.info("%s job %s on %s: %s%s", held.role, status.job_id, peer, status.state,
                  f" ({status.message})" if status.message else "")
+        if previous is None or previous.state != status.state:
+            self.events.write("status", job=status.job_id, worker=str(peer), role=held.role,
+                              state=status.state, message=status.message)
         if status.state in ("finished", "failed", "stopped"):
             held.state = "finished" if status.state == "finished" else "failed"
             self._release(peer, status.job_id, f"job {status.job_id} {status.state}")
+            if status.job_id not in self.ended:
+                self.ended[status.job_id] = (held.role, status.state)
+                self._leave_planner(held)
             self.failed |= status.state != "finished"
-            done = [h for h in self.held.values() if h.state in ("finished", "failed")]
-            if len(done) >= self.workers or self.failed:
+            if self.failed or self._all_finished():
                 self.finished.set()
         return encode(StatusReceived(job_id=status.job_id))
 
+    def _all_finished(self) -> bool:
+        """Every job of the run finished: ``workers`` jobs (training jobs, in a DiLoCo run, and
+        then the parameter-server job too)."""
+        # NOTE: counted by job as it ends, not from the held leases: those are dropped a while
+        # after their job ends, and a late last job would otherwise never complete the run.
+        finished = Counter(role for role, state in self.ended.values() if state == "finished")
+        if self.diloco is None:
+            return finished[PLAIN_JOB] >= self.workers
+        return finished[TRAIN] >= self.workers and finished[PARAMETER_SERVER] >= 1
+
     async def _on_metrics(self, peer: ID, data: bytes) -> bytes:
         report = _decode(MetricsReport, data)
-        if not any(h.worker == peer and h.job_id == report.job_id for h in self.held.values()):
+        held = next((h for h in self.held.values()
+                     if h.worker == peer and h.job_id == report.job_id), None)
+        if held is None:
             raise RequestRejected(f"job {report.job_id} is not yours")
         self.metrics[report.job_id] = report
-        return encode(MetricsReceived(job_id=report.job_id))
+        self.events.write("metrics", job=report.job_id, worker=str(peer), role=held.role,
+                          step=report.step, values=dict(report.values))
+        instruction = self._plan(str(peer), report.values) if held.role == TRAIN else None
+        if instruction is None or self._ps is None:
+            return encode(MetricsReceived(job_id=report.job_id))
+        round_, batches = instruction
+        return encode(MetricsReceived(job_id=report.job_id, round=round_,
+                                      batches=min(batches, MAX_SYNC_BATCHES),
+                                      parameter_server=str(self._ps.worker)))
+
+    def _plan(self, worker: str, values: Mapping[str, float]) -> tuple[int, int] | None:
+        """Feed a training job's position and speed to the planner; its instruction (None:
+        none yet, or the job no longer takes part)."""
+        if self.planner is None or worker not in self.planner:
+            return None
+        given = [key for key in ("round", "round_step") if key in values]
+        if not given:  # a report of other metrics: the instruction stands
+            return self.planner.instruction(worker)
+        if len(given) == 1:
+            raise RequestRejected(f"report values 'round' and 'round_step' come together; got "
+                                  f"only {given[0]!r}")
+        counts = []
+        for key in ("round", "round_step"):
+            value = values[key]
+            if not (0 <= value <= MAX_COUNT and value == int(value)):
+                raise RequestRejected(f"report value {key!r} must be a whole number in [0, "
+                                      f"{MAX_COUNT}], got {value}")
+            counts.append(int(value))
+        try:
+            return self.planner.report(worker, counts[0], counts[1],
+                                       values.get("batch_seconds"))
+        except ValueError as exc:
+            raise RequestRejected(str(exc)) from None
+
+    async def _on_round_plan(self, peer: ID, data: bytes) -> bytes:
+        request = _decode(RoundPlanRequest, data)
+        if self.diloco is None:
+            raise RequestRejected("this scheduler runs no parameter server")
+        if not any(h.role == PARAMETER_SERVER and h.worker == peer
+                   and h.job_id == request.job_id and h.state not in _ENDED
+                   for h in self.held.values()):
+            raise RequestRejected(f"job {request.job_id} is not this scheduler's running "
+                                  "parameter-server job; only the worker running it may ask "
+                                  "for round plans")
+        self.messages["round plan"] += 1
+        running = sorted(str(h.worker) for h in self.held.values()
+                         if h.role == TRAIN and h.job_id is not None and h.state not in _ENDED
+                         and (s := self.statuses.get(h.job_id)) is not None
+                         and s.state == "running")
+        return encode(RoundPlan(round=request.round, workers=running,
+                                timeout=self.diloco.round_timeout))
 
     async def _on_health(self, peer: ID, data: bytes) -> bytes:
         _decode(HealthCheck, data)
@@ -499,6 +783,10 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
             raise ValueError("network.bootstrap is empty: a scheduler needs the address of at "
                              "least one gateway (…/p2p/<peer id>) to reach workers")
         requirements = Requirements(job.requirements(), job.executor(), job.bid, job.max_price)
+        diloco = None if not job.parameter_server else DiLoCo(
+            Requirements(job.ps_requirements(), job.ps_executor(), job.bid, job.max_price),
+            rounds=job.rounds, sync_batches=job.sync_batches, perf_aware=job.perf_aware,
+            round_timeout=job.round_timeout)
         settings = settings_from_sections(config.network, config.tls, reload_on_sighup=True)
         MTLSTransport(settings.tls)
     except ValueError as exc:
@@ -507,7 +795,8 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
     async with open_network(settings) as net:
         node = SchedulerNode(net, requirements, workers=job.workers, lease_ttl=job.lease_ttl,
                              offer_window=job.offer_window, job_config=job.job_config(),
-                             dataset=job.dataset, data_seed=job.data_seed, files=job.files)
+                             dataset=job.dataset, data_seed=job.data_seed, files=job.files,
+                             diloco=diloco, metrics_log=job.metrics_log)
         await serve_node(node, config.metrics, log, task_status, done=node.finished)
     log.info("scheduler stopped: %s", "a job failed" if node.failed else "all jobs finished")
     return 1 if node.failed else 0

@@ -18,13 +18,15 @@ from hypha.gateway.node import GATEWAY_GOSSIP_DEGREE
 from hypha.messages import GIB, Executor, Resources
 from hypha.net import Network, open_network
 from hypha.scheduler.allocator import Requirements
-from hypha.scheduler.node import SchedulerNode
+from hypha.scheduler.node import DiLoCo, SchedulerNode
 from hypha.worker.arbiter import Arbiter, Pricing
 from hypha.worker.jobs import JobManager
 from hypha.worker.node import WorkerNode
 from tests.unit.net._pki import PKI
 
 TRAIN = Executor(kind="process", name="train", runtime="python")
+#: the parameter-server executor a DiLoCo scheduler asks for (the job's runtime)
+PS = Executor(kind="parameter-server", name="diloco", runtime="python")
 SMALL = Resources(cpu=1, memory=1 * GIB, storage=1 * GIB, gpu=0)
 MACHINE = Resources(cpu=8, memory=32 * GIB, storage=500 * GIB, gpu=0)
 #: a job that runs until stopped
@@ -51,14 +53,19 @@ async def start_worker(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, h
                        name: str, pricing: Pricing, *, resources: Resources = MACHINE,
                        command: list[str] | None = None, work_dir: Path,
                        offer_ttl: float = 5.0, batch_window: float = 0.05,
-                       prefetch: bool = True) -> Worker:
+                       prefetch: bool = True, ps_command: list[str] | None = None) -> Worker:
+    """A worker offering the process executor ``TRAIN`` (running ``command``), and also the
+    parameter-server executor ``PS`` when ``ps_command`` is given (a process standing in for
+    the built-in parameter server)."""
     _, files = pki.node(name)
     net = await stack.enter_async_context(
         open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
-    arbiter = Arbiter(resources, [TRAIN], pricing, worker_id=str(net.peer_id),
+    runners: dict[Executor, Any] = {TRAIN: ProcessExecutor(command or SLEEPER, grace_period=2)}
+    if ps_command is not None:
+        runners[PS] = ProcessExecutor(ps_command, grace_period=2)
+    arbiter = Arbiter(resources, list(runners), pricing, worker_id=str(net.peer_id),
                       offer_ttl=offer_ttl)
-    jobs = JobManager(net, {TRAIN: ProcessExecutor(command or SLEEPER, grace_period=2)},
-                      work_dir=work_dir / name, prefetch=prefetch)
+    jobs = JobManager(net, runners, work_dir=work_dir / name, prefetch=prefetch)
     node = WorkerNode(net, arbiter, jobs, batch_window=batch_window)
     scope = trio.CancelScope()
 
@@ -74,13 +81,16 @@ async def start_scheduler(stack: AsyncExitStack, pki: PKI, hub: Network, name: s
                           workers: int, bid: float, max_price: float,
                           resources: Resources = SMALL, lease_ttl: float = 30.0,
                           offer_window: float = 0.5, dispatch: bool = True,
-                          dataset: str | None = None) -> SchedulerNode:
+                          dataset: str | None = None, diloco: DiLoCo | None = None,
+                          metrics_log: Path | None = None,
+                          job_config: dict[str, str] | None = None) -> SchedulerNode:
     _, files = pki.node(name)
     net = await stack.enter_async_context(
         open_network(pki.settings(files, bootstrap=(str(hub.addrs[0]),))))
     return SchedulerNode(net, Requirements(resources, TRAIN, bid, max_price), workers=workers,
                          lease_ttl=lease_ttl, offer_window=offer_window, dispatch=dispatch,
-                         dataset=dataset)
+                         dataset=dataset, diloco=diloco, metrics_log=metrics_log,
+                         job_config=job_config)
 
 
 async def start_data_node(stack: AsyncExitStack, nursery: trio.Nursery, pki: PKI, hub: Network,
