@@ -12,6 +12,12 @@ A round of one fragment, on rank ``r`` of ``N`` (docs/design/2026-11-23-diloco-o
 Every payload opens with an envelope (kind, fragment, round, sender) so a peer that is out of
 step is named, and is decoded by a :class:`~hypha.compress.StreamDecoder` that checks it carries
 exactly the expected tensors: malformed bytes raise, they are never applied.
+
+:class:`ServerExchange` is a worker's side of the other mode, a central parameter server reached
+through a :class:`~hypha.optim.ServerLink` (the server itself is :mod:`hypha.optim.server`): the
+worker pushes one payload over the whole fragment and applies the update the server sends back.
+The envelope is the same; its sender field is 0 both ways (workers have no rank there, the server
+names each contribution itself).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import math
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,9 +48,10 @@ from hypha.compress import (
 )
 from hypha.compress._encode import all_finite
 from hypha.optim._layout import Layout, Shard
+from hypha.optim._link import ServerLink
 from hypha.optim._transport import Transport
 
-__all__ = ["Exchange", "ExchangeError", "all_finite"]
+__all__ = ["Exchange", "ExchangeError", "ServerExchange", "all_finite"]
 
 #: Opens every payload: magic, version, kind, fragment, sender, round.
 _ENVELOPE = struct.Struct("<4sBBHIQ")
@@ -54,6 +61,10 @@ _INIT, _SHARD, _SHARD_NONE, _UPDATE, _UPDATE_NONE = range(5)
 #: Pieces of a payload that are ready together go out as messages of about this size: each
 #: message costs a round trip or two in torch.distributed (a length, then the body).
 MESSAGE_BYTES = 4 << 20
+#: The parameter server's initial message: the envelope, then this length, then the settings JSON.
+_SETTINGS_LEN = struct.Struct("<I")
+#: A settings object larger than this is refused (it lists one number per parameter tensor).
+_MAX_SETTINGS_BYTES = 16 << 20
 
 _KIND_NAMES = {
     _INIT: "initial parameters",
@@ -71,6 +82,84 @@ class ExchangeError(RuntimeError):
     checkpoint on every rank."""
 
 
+def pack_envelope(kind: int, fragment: int, round_: int, sender: int = 0) -> bytes:
+    return _ENVELOPE.pack(_MAGIC, _VERSION, kind, fragment, sender, round_)
+
+
+def check_envelope(
+    head: bytes | bytearray | memoryview,
+    kinds: tuple[int, ...],
+    fragment: int | None,
+    round_: int | None,
+    who: str,
+    me: str,
+) -> tuple[int, int, int]:
+    """Parses an envelope from ``who`` (``me`` is the reader, for the message); returns its kind,
+    fragment and round. ``fragment`` / ``round_`` None accept any. Raises ExchangeError naming
+    what came and what was expected."""
+    if len(head) < _ENVELOPE.size:
+        raise ExchangeError(f"{me}: {who} sent {len(head)} bytes where an envelope belongs")
+    magic, version, kind, frag, _sender, rnd = _ENVELOPE.unpack(bytes(head[: _ENVELOPE.size]))
+    if magic != _MAGIC or version != _VERSION:
+        raise ExchangeError(
+            f"{me}: {who} speaks {bytes(magic)!r} v{version}, not DiLoCo v{_VERSION}"
+        )
+    if (
+        kind not in kinds
+        or (fragment is not None and frag != fragment)
+        or (round_ is not None and rnd != round_)
+    ):
+        expect = " or ".join(_KIND_NAMES[k] for k in kinds)
+        got = _KIND_NAMES.get(kind, f"kind {kind}")
+        where = "" if round_ is None else f" for round {round_}"
+        where += "" if fragment is None else f" fragment {fragment}"
+        raise ExchangeError(
+            f"{me}: {who} is out of step: it sent {got} for round {rnd} fragment {frag}, "
+            f"expected {expect}{where}"
+        )
+    return kind, frag, rnd
+
+
+def batch_messages(first: bytes, pieces: Iterable[bytes]) -> Iterator[bytearray]:
+    """``first`` (an envelope) and ``pieces`` joined into messages of about ``MESSAGE_BYTES``;
+    a piece is never split."""
+    batch = bytearray(first)
+    for piece in pieces:
+        if len(batch) + len(piece) > MESSAGE_BYTES:
+            yield batch
+            batch = bytearray()
+        batch += piece
+    yield batch
+
+
+class _Pieces:
+    """Reads a payload that arrives as pieces split anywhere: a few bytes at its start
+    (:meth:`read`), then the rest piece by piece (:meth:`rest`)."""
+
+    def __init__(self, pieces: Iterable[bytes | bytearray | memoryview], who: str) -> None:
+        self._it = iter(pieces)
+        self._buf = bytearray()
+        self._who = who
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            piece = next(self._it, None)
+            if piece is None:
+                raise CodecError(
+                    f"{self._who} ended after {len(self._buf)} bytes, expected at least {n}"
+                )
+            self._buf += piece
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def rest(self) -> Iterator[bytes | bytearray | memoryview]:
+        if self._buf:
+            head, self._buf = self._buf, bytearray()
+            yield head
+        yield from self._it
+
+
 def _add(dst: torch.Tensor, chunk: Chunk) -> None:
     """dst += the chunk's values, for ``dst`` exactly the chunk's elements."""
     if chunk.q is not None:
@@ -84,12 +173,20 @@ class _ShardDecoder(StreamDecoder):
     """A StreamDecoder that checks the payload against the shard it must carry."""
 
     def __init__(
-        self, shapes: Sequence[tuple[int, ...]], codec: Codec, where: str, device: torch.device
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        codec: Codec,
+        where: str,
+        device: torch.device,
+        chunk_elems: int | None = None,
     ) -> None:
         total = sum(math.prod(s) for s in shapes)
         limits = DecodeLimits(max_total_elems=max(total, 1), max_tensors=max(len(shapes), 1))
         super().__init__(limits, device=device)
         self._shapes, self._codec, self._where = list(shapes), codec, where
+        # NOTE: between ranks the initial settings check pins chunk_elems and the block size; a
+        # parameter server checks them on every payload (its chunks must follow its own plan)
+        self._chunk_elems = chunk_elems
 
     def _on_header(self, header: Header) -> None:
         got = [tuple(t.shape) for t in header.tensors]
@@ -104,44 +201,40 @@ class _ShardDecoder(StreamDecoder):
                 f"{self._where}: the peer encodes with {header.codec}, this rank with "
                 f"{self._codec.name}"
             )
+        if self._chunk_elems is not None:
+            theirs = (header.chunk_elems, header.block_size)
+            ours = (self._chunk_elems, self._codec.block_size if self._codec.quantized else 0)
+            if theirs != ours:
+                raise CodecError(
+                    f"{self._where}: chunks of {theirs[0]} elements in blocks of {theirs[1]}, "
+                    f"expected {ours[0]} in blocks of {ours[1]}"
+                )
 
 
-class Exchange:
-    """Runs outer rounds for one rank.
-
-    ``params`` are the local parameters, ``globals_`` and ``error_feedback`` their fp32 global
-    copies and error feedback (flat views are taken per segment); ``momentum`` is this rank's
-    flat outer-momentum shard, laid out as ``layout`` says; ``hyper(i)`` returns the
-    current ``(outer_lr, outer_momentum)`` of parameter ``i``.
-    """
+class _Encoder:
+    """A worker's pseudo-gradient, encoded on the training thread: ``params`` are the local
+    parameters, ``globals_`` and ``error_feedback`` their fp32 global copies and error feedback
+    (flat views are taken per segment); ``sender`` tells this worker's stochastic rounding apart
+    from the others'."""
 
     def __init__(
         self,
-        comm: Transport,
         layout: Layout,
         codec: Codec,
-        *,
         params: Sequence[torch.Tensor],
         globals_: Sequence[torch.Tensor],
         error_feedback: Sequence[torch.Tensor] | None,
-        momentum: torch.Tensor,
-        hyper: Callable[[int], tuple[float, float]],
         chunk_elems: int,
-        timeout: float,
         backend: str | None,
+        sender: bytes,
     ) -> None:
-        self.comm, self.layout, self.codec = comm, layout, codec
-        self.rank, self.world_size = comm.rank, comm.world_size
+        self.layout, self.codec, self._sender = layout, codec, sender
         self.params, self.globals = list(params), list(globals_)
         self.error_feedback = None if error_feedback is None else list(error_feedback)
-        self.momentum, self.hyper = momentum, hyper
-        self.chunk_elems, self.timeout, self.backend = chunk_elems, timeout, backend
-        self.device = momentum.device
-        # world size 1: nobody to send the update to, so it is applied exactly, in place
-        self.direct = self.world_size == 1
-        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.chunk_elems, self.backend = chunk_elems, backend
 
-    # --- the worker's pseudo-gradient (on the training thread) --------------------------------
+    def set_sender(self, sender: bytes) -> None:
+        self._sender = sender
 
     def _local(self, i: int) -> torch.Tensor:
         p = self.params[i].detach()
@@ -174,8 +267,53 @@ class Exchange:
 
     def _seed(self, round_: int, stream: int) -> int:
         """Stochastic-rounding seed: distinct per round, sender and stream; the same on a rerun."""
-        key = struct.pack("<QII", round_, self.rank, stream)
+        key = struct.pack("<Q", round_) + self._sender + struct.pack("<I", stream)
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+class Exchange(_Encoder):
+    """Runs outer rounds for one rank.
+
+    ``params`` are the local parameters, ``globals_`` and ``error_feedback`` their fp32 global
+    copies and error feedback (flat views are taken per segment); ``momentum`` is this rank's
+    flat outer-momentum shard, laid out as ``layout`` says; ``hyper(i)`` returns the
+    current ``(outer_lr, outer_momentum)`` of parameter ``i``.
+    """
+
+    def __init__(
+        self,
+        comm: Transport,
+        layout: Layout,
+        codec: Codec,
+        *,
+        params: Sequence[torch.Tensor],
+        globals_: Sequence[torch.Tensor],
+        error_feedback: Sequence[torch.Tensor] | None,
+        momentum: torch.Tensor,
+        hyper: Callable[[int], tuple[float, float]],
+        chunk_elems: int,
+        timeout: float,
+        backend: str | None,
+    ) -> None:
+        super().__init__(
+            layout,
+            codec,
+            params,
+            globals_,
+            error_feedback,
+            chunk_elems,
+            backend,
+            # the seed key a rank has always used: "<QII" of round, rank, stream
+            struct.pack("<I", comm.rank),
+        )
+        self.comm = comm
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.momentum, self.hyper = momentum, hyper
+        self.timeout = timeout
+        self.device = momentum.device
+        # world size 1: nobody to send the update to, so it is applied exactly, in place
+        self.direct = self.world_size == 1
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -183,13 +321,9 @@ class Exchange:
         self, peer: int, kind: int, fragment: int, round_: int, pieces: Sequence[bytes] = ()
     ) -> None:
         """The envelope and ``pieces`` as few messages of about ``MESSAGE_BYTES``."""
-        batch = bytearray(_ENVELOPE.pack(_MAGIC, _VERSION, kind, fragment, self.rank, round_))
-        for piece in pieces:
-            if len(batch) + len(piece) > MESSAGE_BYTES:
-                self.comm.send(peer, batch)
-                batch = bytearray()
-            batch += piece
-        self.comm.send(peer, batch)
+        envelope = pack_envelope(kind, fragment, round_, self.rank)
+        for message in batch_messages(envelope, pieces):
+            self.comm.send(peer, message)
 
     def _open(
         self, peer: int, kinds: tuple[int, ...], fragment: int, round_: int
@@ -197,24 +331,11 @@ class Exchange:
         """Reads a payload's first message from ``peer``; returns the envelope's kind and the
         bytes after the envelope."""
         msg = memoryview(self.comm.recv(peer, self.timeout))
-        if len(msg) < _ENVELOPE.size:
-            raise ExchangeError(
-                f"rank {self.rank}: rank {peer} sent {len(msg)} bytes where an envelope belongs"
-            )
-        magic, version, kind, frag, sender, rnd = _ENVELOPE.unpack(msg[: _ENVELOPE.size])
-        if magic != _MAGIC or version != _VERSION:
-            raise ExchangeError(
-                f"rank {self.rank}: rank {peer} speaks {bytes(magic)!r} v{version}, not DiLoCo "
-                f"v{_VERSION}"
-            )
-        if sender != peer or kind not in kinds or frag != fragment or rnd != round_:
-            expect = " or ".join(_KIND_NAMES[k] for k in kinds)
-            got = _KIND_NAMES.get(kind, f"kind {kind}")
-            raise ExchangeError(
-                f"rank {self.rank}: rank {peer} is out of step: it sent {got} for round {rnd} "
-                f"fragment {frag} (from rank {sender}), expected {expect} for round {round_} "
-                f"fragment {fragment}"
-            )
+        me, who = f"rank {self.rank}", f"rank {peer}"
+        kind, _, _ = check_envelope(msg, kinds, fragment, round_, who, me)
+        sender = _ENVELOPE.unpack(msg[: _ENVELOPE.size])[4]
+        if sender != peer:
+            raise ExchangeError(f"{me}: a message from {who} says it is from rank {sender}")
         rest = msg[_ENVELOPE.size :]
         if kind in (_SHARD_NONE, _UPDATE_NONE) and len(rest):
             raise ExchangeError(f"rank {self.rank}: rank {peer} sent data after an empty payload")
@@ -415,3 +536,148 @@ class Exchange:
             ) from exc
         for p, g in zip(self.params, self.globals, strict=True):
             p.detach().copy_(g.view_as(p))
+
+
+class ServerExchange(_Encoder):
+    """Runs outer rounds for one worker against a central parameter server.
+
+    The layout has one shard per fragment (world size 1): the worker encodes its pseudo-gradient
+    of the whole fragment into one payload, pushes it through ``link``, and applies the update the
+    server pulls back to its global copies, chunk by chunk as it arrives. ``sender`` (8 bytes)
+    seeds this worker's stochastic rounding apart from the other workers'.
+    """
+
+    def __init__(
+        self,
+        link: ServerLink,
+        layout: Layout,
+        codec: Codec,
+        *,
+        params: Sequence[torch.Tensor],
+        globals_: Sequence[torch.Tensor],
+        error_feedback: Sequence[torch.Tensor] | None,
+        chunk_elems: int,
+        timeout: float,
+        backend: str | None,
+        device: torch.device,
+        sender: bytes,
+    ) -> None:
+        if layout.world_size != 1:
+            raise ValueError(f"a parameter-server layout has world_size 1, got {layout.world_size}")
+        super().__init__(
+            layout, codec, params, globals_, error_feedback, chunk_elems, backend, sender
+        )
+        self.link, self.timeout, self.device = link, timeout, device
+
+    def run(self, fragment: int, round_: int, payloads: list[list[bytes]] | None) -> float:
+        """One round of ``fragment`` with this worker's payload (None: it abstains); returns its
+        wall time. Any failure raises ExchangeError."""
+        t0 = time.perf_counter()
+        try:
+            self._round(fragment, round_, payloads)
+        except ExchangeError:
+            raise
+        except (CodecError, TimeoutError, ConnectionError, ValueError) as exc:
+            raise ExchangeError(
+                f"outer round {round_} (fragment {fragment}) with the parameter server failed: "
+                f"{exc}"
+            ) from exc
+        return time.perf_counter() - t0
+
+    def _round(self, fragment: int, round_: int, payloads: list[list[bytes]] | None) -> None:
+        if payloads is None:
+            self.link.push(round_, [pack_envelope(_SHARD_NONE, fragment, round_)])
+        else:
+            (payload,) = payloads
+            envelope = pack_envelope(_SHARD, fragment, round_)
+            self.link.push(round_, [bytes(m) for m in batch_messages(envelope, payload)])
+        stream = _Pieces(self.link.pull(round_, self.timeout), "the parameter server's update")
+        kind, _, _ = check_envelope(
+            stream.read(_ENVELOPE.size),
+            (_UPDATE, _UPDATE_NONE),
+            fragment,
+            round_,
+            "the parameter server",
+            "this worker",
+        )
+        shard = self.layout.shards[fragment][0]
+        if kind == _UPDATE_NONE:
+            for piece in stream.rest():
+                if len(piece):
+                    raise ExchangeError("the parameter server sent data after an empty update")
+            return
+        decoder = _ShardDecoder(
+            shard.shapes,
+            self.codec,
+            "update from the parameter server",
+            self.device,
+            chunk_elems=self.chunk_elems,
+        )
+        for piece in stream.rest():
+            for chunk in decoder.feed(piece):
+                seg = shard.segments[chunk.tensor]
+                chunk.accumulate_into(self.globals[seg.param].view(-1)[seg.start : seg.stop])
+        decoder.finish()
+
+    def receive_initial(self, settings: dict[str, Any]) -> int:
+        """Takes the server's global model into the global copies and the local parameters,
+        after checking the server's settings against the keys of ``settings`` it has; returns
+        the server's round (the next one it will close)."""
+        try:
+            stream = _Pieces(self.link.pull_initial(self.timeout), "the parameter server's model")
+            _, _, round_ = check_envelope(
+                stream.read(_ENVELOPE.size),
+                (_INIT,),
+                None,
+                None,
+                "the parameter server",
+                "this worker",
+            )
+            (size,) = _SETTINGS_LEN.unpack(stream.read(_SETTINGS_LEN.size))
+            if size > _MAX_SETTINGS_BYTES:
+                raise CodecError(f"the server announces {size} bytes of settings")
+            theirs = json.loads(stream.read(size))
+            if not isinstance(theirs, dict):
+                raise CodecError(f"the server sent settings {theirs!r}")
+            if theirs.get("round") != round_:
+                raise CodecError(
+                    f"the server's settings say round {theirs.get('round')!r}, its envelope "
+                    f"{round_}"
+                )
+            needed = ("codec", "block_size", "chunk_elems", "fragments", "numels")
+            missing = [k for k in needed if k not in theirs]
+            if missing:
+                raise CodecError(f"the server's settings lack {', '.join(missing)}")
+            diff = {
+                k: (theirs[k], v) for k, v in settings.items() if k in theirs and theirs[k] != v
+            }
+            if diff:
+                raise ValueError(
+                    "DiLoCo settings differ from the parameter server's: "
+                    + ", ".join(
+                        f"{k}: the server has {a!r}, this worker {b!r}"
+                        for k, (a, b) in diff.items()
+                    )
+                )
+            shapes = [(p.numel(),) for p in self.params]
+            decoder = _ShardDecoder(
+                shapes, parse_codec("fp32"), "initial parameters from the server", self.device
+            )
+            for piece in stream.rest():
+                for chunk in decoder.feed(piece):
+                    g = self.globals[chunk.tensor].view(-1)
+                    g[chunk.start : chunk.start + chunk.numel].copy_(chunk.values())
+            decoder.finish()
+        except (
+            CodecError,
+            TimeoutError,
+            ConnectionError,
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+        ) as exc:
+            raise ExchangeError(
+                f"receiving the global model from the parameter server failed: {exc}"
+            ) from exc
+        for p, g in zip(self.params, self.globals, strict=True):
+            p.detach().copy_(g.view_as(p))
+        return int(round_)

@@ -8,15 +8,24 @@ Streaming DiLoCo (Douillard et al., "Streaming DiLoCo with overlapping communica
 Distributed Free Lunch", 2025, https://arxiv.org/abs/2501.18512) syncs the parameters in
 fragments, in rotation, and lets each fragment's exchange overlap the next inner steps.
 
-Here the pseudo-gradients are compressed with error feedback by :mod:`hypha.compress` and the
-outer step is sharded: every rank is the parameter server of ``1/world_size`` of the parameters
-(see docs/design/2026-11-23-diloco-optimizer.md for the round, the bytes and the memory).
+Here the pseudo-gradients are compressed with error feedback by :mod:`hypha.compress`. The outer
+step runs in one of two modes, chosen by ``comm``:
+
+* a :class:`~hypha.optim.Transport`: the outer step is sharded, every rank is the parameter
+  server of ``1/world_size`` of the parameters;
+* a :class:`~hypha.optim.ServerLink`: a central parameter server
+  (:class:`~hypha.optim.OuterServer`) holds the outer momentum and runs the step; each worker
+  pushes its pseudo-gradient and applies the server's update.
+
+See docs/design/2026-11-23-diloco-optimizer.md for the rounds, the bytes and the memory.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import math
+import secrets
+import struct
 import time
 import warnings
 from collections.abc import Callable
@@ -33,13 +42,16 @@ from hypha.compress import (
     NonFiniteError,
     parse_codec,
 )
-from hypha.optim._exchange import Exchange, ExchangeError, all_finite
+from hypha.optim._exchange import Exchange, ExchangeError, ServerExchange, all_finite
 from hypha.optim._layout import Layout, Segment
+from hypha.optim._link import ServerLink
 from hypha.optim._transport import DistTransport, Transport
 
 __all__ = ["DiLoCo", "DiLoCoStats", "ExchangeError"]
 
 _STATE_VERSION = 1
+#: ``DiLoCo.mode``: the outer step sharded over the ranks, or run by a central parameter server
+SHARDED, SERVER = "sharded", "server"
 
 
 @dataclass
@@ -81,20 +93,29 @@ class DiLoCo(torch.optim.Optimizer):
     then restart from the global copy. All ranks apply the same dequantized update, so their global
     copies are bit-identical.
 
+    With a :class:`~hypha.optim.ServerLink` as ``comm`` the outer step runs on a central parameter
+    server (``mode == "server"``): at construction the worker takes the server's global model and
+    round (its own parameters are overwritten, and the settings the server knows must match);
+    each round pushes the pseudo-gradient of fragment ``round % fragments`` and applies the
+    server's update. The worker keeps no outer momentum (``outer_lr`` / ``outer_momentum`` in
+    its groups are unused; the server's apply). ``rank`` is 0 and ``world_size`` 1.
+
     Args:
         inner: the optimizer that trains the local parameters; DiLoCo shares its
             ``param_groups`` (so LR schedulers keep working) and adds ``outer_lr`` and
             ``outer_momentum`` to each group.
-        comm: a :class:`~hypha.optim.Transport` (the caller keeps it and closes it); ``None``
-            means a ``DistTransport`` over the initialised ``torch.distributed`` world, which
-            :meth:`close` closes.
+        comm: a :class:`~hypha.optim.Transport` or a :class:`~hypha.optim.ServerLink` (the caller
+            keeps it and closes it); ``None`` means a ``DistTransport`` over the initialised
+            ``torch.distributed`` world, which :meth:`close` closes.
         sync_every: inner steps between two syncs of the same parameters (H in the paper).
+            ``None``: rounds start only when the caller calls :meth:`sync`.
         error_feedback: keep what the codec dropped and add it to the next pseudo-gradient
             (Seide et al. 2014; Karimireddy et al. 2019). ``None``: on for lossy codecs.
         fragments: Streaming DiLoCo: sync the parameters in this many fragments, one every
             ``sync_every / fragments`` steps.
         overlap_steps: inner steps that run while a fragment is exchanged, before its update is
-            merged. ``None``: 0 with one fragment (the exchange blocks), 1 with several.
+            merged (at most ``sync_every / fragments``). ``None``: 0 with one fragment (the
+            exchange blocks), 1 with several.
         merge_alpha: at the merge, local = alpha * local + (1 - alpha) * global. ``None``: 0
             without overlap, 0.5 with it (Streaming DiLoCo).
         nonfinite: what a worker whose parameters hold NaN/Inf at a sync does: ``"skip"`` sits
@@ -109,9 +130,9 @@ class DiLoCo(torch.optim.Optimizer):
     def __init__(
         self,
         inner: torch.optim.Optimizer,
-        comm: Transport | None = None,
+        comm: Transport | ServerLink | None = None,
         *,
-        sync_every: int = 100,
+        sync_every: int | None = 100,
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         codec: str | Codec = "int4",
@@ -128,9 +149,12 @@ class DiLoCo(torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
         if isinstance(inner, DiLoCo):
             raise TypeError("inner is already a DiLoCo optimizer")
-        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+        if sync_every is not None and (
+            not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1
+        ):
             raise ValueError(
-                f"Invalid sync_every: {sync_every!r} (a positive number of inner steps)"
+                f"Invalid sync_every: {sync_every!r} (a positive number of inner steps, or None "
+                "to start rounds with sync())"
             )
         if not (0.0 <= outer_lr < math.inf):
             raise ValueError(f"Invalid outer_lr: {outer_lr}")
@@ -149,21 +173,25 @@ class DiLoCo(torch.optim.Optimizer):
             )
         if not isinstance(fragments, int) or isinstance(fragments, bool) or fragments < 1:
             raise ValueError(f"Invalid fragments: {fragments!r} (a positive int)")
-        if sync_every % fragments:
+        if sync_every is not None and sync_every % fragments:
             raise ValueError(
                 f"sync_every ({sync_every}) must be a multiple of fragments ({fragments}): one fragment "
                 "is synced every sync_every / fragments steps"
             )
-        interval = sync_every // fragments
         if overlap_steps is None:
             overlap_steps = 0 if fragments == 1 else 1
-        if (
-            not isinstance(overlap_steps, int)
-            or isinstance(overlap_steps, bool)
-            or not 0 <= overlap_steps <= interval
-        ):
+        if not isinstance(overlap_steps, int) or isinstance(overlap_steps, bool):
+            bad_overlap = True
+        elif sync_every is None:
+            bad_overlap = overlap_steps < 0
+        else:
+            bad_overlap = not 0 <= overlap_steps <= sync_every // fragments
+        if bad_overlap:
+            if sync_every is None:
+                raise ValueError(f"Invalid overlap_steps: {overlap_steps!r} (a non-negative int)")
             raise ValueError(
-                f"Invalid overlap_steps: {overlap_steps!r} (an int in [0, sync_every / fragments = {interval}])"
+                f"Invalid overlap_steps: {overlap_steps!r} (an int in [0, sync_every / fragments = "
+                f"{sync_every // fragments}])"
             )
         if merge_alpha is None:
             merge_alpha = 0.0 if overlap_steps == 0 else 0.5
@@ -188,8 +216,11 @@ class DiLoCo(torch.optim.Optimizer):
                     "or torch.distributed initialised (torchrun) for the default DistTransport"
                 )
             comm = DistTransport()
-        if not isinstance(comm, Transport):
-            raise TypeError(f"comm must be a hypha.optim.Transport, got {type(comm).__name__}")
+        if not isinstance(comm, Transport | ServerLink):
+            raise TypeError(
+                f"comm must be a hypha.optim.Transport or ServerLink, got {type(comm).__name__}"
+            )
+        self.mode = SERVER if isinstance(comm, ServerLink) else SHARDED
 
         self.inner = inner
         super().__init__(
@@ -230,36 +261,62 @@ class DiLoCo(torch.optim.Optimizer):
                 )
         self.device = devices.pop()
         align = self.codec.block_size if self.codec.quantized else 1
-        self.layout = Layout([p.numel() for p in self._params], fragments, comm.world_size, align)
-        self.rank, self.world_size = comm.rank, comm.world_size
+        if isinstance(comm, ServerLink):
+            # NOTE: rank 0 of world 1, but the update is not applied in place: it comes from
+            # the server
+            self.rank, self.world_size = 0, 1
+        else:
+            self.rank, self.world_size = comm.rank, comm.world_size
+        self.layout = Layout([p.numel() for p in self._params], fragments, self.world_size, align)
 
         for p in self._params:
             st = self.state[p]
             st["global"] = p.detach().to(torch.float32, copy=True).contiguous()
             if error_feedback:
                 st["error_feedback"] = torch.zeros_like(st["global"])
-        owned = self.layout.owned[self.rank]
+        # the outer momentum of this rank's shards; none in server mode (it lives on the server)
+        owned = self.layout.owned[self.rank] if self.mode == SHARDED else 0
         self._outer_momentum = torch.zeros(owned, dtype=torch.float32, device=self.device)
         self._step = 0
         self._round = 0
         self._pending: _Pending | None = None
         self._failed: BaseException | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._exchange = Exchange(
-            comm,
-            self.layout,
-            self.codec,
-            params=self._params,
-            globals_=[self.state[p]["global"] for p in self._params],
-            error_feedback=[self.state[p]["error_feedback"] for p in self._params]
-            if error_feedback
-            else None,
-            momentum=self._outer_momentum,
-            hyper=self._hyper,
-            chunk_elems=chunk_elems,
-            timeout=self.timeout,
-            backend=backend,
-        )
+        globals_ = [self.state[p]["global"] for p in self._params]
+        efs = [self.state[p]["error_feedback"] for p in self._params] if error_feedback else None
+        self._exchange: Exchange | ServerExchange
+        if isinstance(comm, ServerLink):
+            # NOTE: workers of a server have no rank to tell their stochastic rounding apart, so
+            # each draws a salt (kept in its checkpoint, so a resumed worker rounds the same way)
+            self._seed_salt = secrets.randbits(64)
+            self._exchange = ServerExchange(
+                comm,
+                self.layout,
+                self.codec,
+                params=self._params,
+                globals_=globals_,
+                error_feedback=efs,
+                chunk_elems=chunk_elems,
+                timeout=self.timeout,
+                backend=backend,
+                device=self.device,
+                sender=struct.pack("<Q", self._seed_salt),
+            )
+        else:
+            self._seed_salt = 0
+            self._exchange = Exchange(
+                comm,
+                self.layout,
+                self.codec,
+                params=self._params,
+                globals_=globals_,
+                error_feedback=efs,
+                momentum=self._outer_momentum,
+                hyper=self._hyper,
+                chunk_elems=chunk_elems,
+                timeout=self.timeout,
+                backend=backend,
+            )
         self._sync_initial()
         # stats count the rounds' traffic, not the initial broadcast
         self._bytes0 = (comm.bytes_sent, comm.bytes_received)
@@ -323,7 +380,7 @@ class DiLoCo(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One inner step; every ``sync_every / fragments`` steps it also starts (or finishes)
-        a fragment's outer round."""
+        a fragment's outer round. It merges a round started ``overlap_steps`` steps ago."""
         self._check_usable()
         with torch.enable_grad():
             loss = self.inner.step(closure) if closure is not None else self.inner.step()
@@ -335,15 +392,38 @@ class DiLoCo(torch.optim.Optimizer):
         error = None
         if self._pending is not None and self._pending.due <= t:
             error = self._finish_pending()
-        interval = self.sync_every // self.fragments
-        if t % interval == 0:
-            fragment = (t // interval - 1) % self.fragments
-            self._start_round(fragment)
+        if self.sync_every is not None and t % (self.sync_every // self.fragments) == 0:
+            # NOTE: the same fragment as ``(t // interval - 1) % fragments`` while every round
+            # starts here; a worker of a parameter server that joined late starts at the server's
+            # round, so its rotation follows the round, not its step count
+            self._start_round(self._round % self.fragments)
             if self.overlap_steps == 0:
                 error = self._finish_pending() or error
         if error is not None:
             raise error
         return loss
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Starts the next outer round now, on the next fragment in rotation (``sync_every=None``
+        only). With ``overlap_steps=0`` the round is finished and merged into the local
+        parameters before this returns; otherwise it is merged ``overlap_steps`` calls of
+        :meth:`step` later. A round still in flight from the previous call is finished and merged
+        first. With a :class:`~hypha.optim.Transport` every rank must call it at the same point."""
+        if self.sync_every is not None:
+            raise RuntimeError(
+                f"sync() starts rounds by hand, for DiLoCo(..., sync_every=None); with "
+                f"sync_every={self.sync_every} they start from step()"
+            )
+        self._check_usable()
+        error = None
+        if self._pending is not None:
+            error = self._finish_pending()
+        self._start_round(self._round % self.fragments)
+        if self.overlap_steps == 0:
+            error = self._finish_pending() or error
+        if error is not None:
+            raise error
 
     def synchronize(self) -> None:
         """Waits for the exchange in flight (if any) to reach the global copy; its merge into the
@@ -356,9 +436,13 @@ class DiLoCo(torch.optim.Optimizer):
     def _check_usable(self) -> None:
         if self._failed is not None:
             raise ExchangeError(
-                f"rank {self.rank}: a previous outer round failed ({self._failed}); the ranks no "
-                "longer agree on the global model. Reload a checkpoint on every rank."
+                f"{self._who()}: a previous outer round failed ({self._failed}); the global copies no "
+                "longer agree. Reload a checkpoint on every rank (or reconnect to the parameter "
+                "server with a new DiLoCo)."
             ) from self._failed
+
+    def _who(self) -> str:
+        return f"rank {self.rank}" if self.mode == SHARDED else "this worker"
 
     def _start_round(self, fragment: int) -> None:
         assert self._pending is None, "one exchange in flight at most"
@@ -400,7 +484,7 @@ class DiLoCo(torch.optim.Optimizer):
             if isinstance(exc, ExchangeError):
                 raise
             raise ExchangeError(
-                f"rank {self.rank}: outer round {pending.round} (fragment {pending.fragment}) failed: {exc}"
+                f"{self._who()}: outer round {pending.round} (fragment {pending.fragment}) failed: {exc}"
             ) from exc
         finally:
             self.stats.blocked_seconds += time.perf_counter() - t0
@@ -429,7 +513,7 @@ class DiLoCo(torch.optim.Optimizer):
                 self._merge(fragment, 0.0, reset_inner=True)
             self.stats.skipped_rounds += 1
             message = (
-                f"rank {self.rank}: parameters held NaN/Inf at inner step {pending.due - self.overlap_steps}; "
+                f"{self._who()}: parameters held NaN/Inf at inner step {pending.due - self.overlap_steps}; "
                 f"this worker sat out outer round {pending.round} (fragment {pending.fragment}) "
                 "and restarted from the global model"
             )
@@ -476,7 +560,11 @@ class DiLoCo(torch.optim.Optimizer):
 
     def _sync_initial(self) -> None:
         """Every rank starts from rank 0's parameters (as DDP does) after checking that its
-        settings agree with rank 0's."""
+        settings agree with rank 0's; a worker of a parameter server starts from the server's
+        global model and round."""
+        if isinstance(self._exchange, ServerExchange):
+            self._round = self._exchange.receive_initial(self._settings())
+            return
         if self.world_size == 1:
             return
         if self.rank == 0:
@@ -488,8 +576,9 @@ class DiLoCo(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the same trajectory: the global copies, error feedback,
-        this rank's outer-momentum shard, the inner optimizer, the counters.
-        Each rank saves its own (the shards differ). Waits for an exchange in flight."""
+        this rank's outer-momentum shard (empty in server mode), the inner optimizer, the
+        counters, the mode. Each rank saves its own (the shards differ). Waits for an exchange in
+        flight."""
         self.synchronize()
         index = {id(p): i for i, p in enumerate(self._params)}
         groups = []
@@ -507,6 +596,8 @@ class DiLoCo(torch.optim.Optimizer):
             "inner": self.inner.state_dict(),
             "diloco": {
                 "version": _STATE_VERSION,
+                "mode": self.mode,
+                "seed_salt": self._seed_salt,
                 "rank": self.rank,
                 "settings": self._settings(),
                 "layout": self.layout.describe(),
@@ -526,7 +617,13 @@ class DiLoCo(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` output saved by the same rank with the same settings."""
+        """Restores :meth:`state_dict` output saved by the same rank with the same settings.
+
+        In server mode the global copies and the round stay those this worker took from the
+        server (the server is the authority on the global model: a stale copy would diverge from
+        it for good); the rest (error feedback, inner optimizer, step counter, a round awaiting
+        its merge) comes from the checkpoint, with a warning when the checkpoint is from another
+        round than the server's."""
         if self._pending is not None and self._pending.future is not None:
             self._wait(self._pending)
         try:
@@ -540,6 +637,16 @@ class DiLoCo(torch.optim.Optimizer):
         if meta.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"DiLoCo state_dict version {meta.get('version')!r}, this build reads {_STATE_VERSION}"
+            )
+        mode = meta.get("mode", SHARDED)  # checkpoints from before server mode are sharded
+        if mode != self.mode:
+            how = {
+                SHARDED: "sharded mode (comm was a Transport: the ranks share the outer step)",
+                SERVER: "server mode (comm was a ServerLink: a parameter server runs the outer step)",
+            }
+            raise ValueError(
+                f"the checkpoint was made in {how.get(mode, repr(mode))}; this optimizer is in "
+                f"{how[self.mode]}. Load it into a DiLoCo with the same kind of comm."
             )
         if meta["layout"] != self.layout.describe() or meta["settings"] != self._settings():
             raise ValueError(
@@ -587,9 +694,27 @@ class DiLoCo(torch.optim.Optimizer):
         self._group_of = [g for g in self.param_groups for _ in g["params"]]
         for i, p in enumerate(self._params):
             for key, value in new_states[i].items():
+                if key == "global" and self.mode == SERVER:
+                    continue  # the server's, taken at construction
                 self.state[p][key].copy_(value)
         self._outer_momentum.copy_(momentum)
-        self._step, self._round = int(meta["step"]), int(meta["round"])
+        self._step = int(meta["step"])
+        if self.mode == SERVER:
+            if int(meta["round"]) != self._round:
+                warnings.warn(
+                    f"the checkpoint is from outer round {meta['round']}, the parameter server is "
+                    f"at round {self._round}: the global model stays the server's; error "
+                    "feedback and the inner optimizer come from the checkpoint",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            salt = meta.get("seed_salt")
+            if isinstance(salt, int) and 0 <= salt < 2**64:
+                self._seed_salt = salt
+                assert isinstance(self._exchange, ServerExchange)
+                self._exchange.set_sender(struct.pack("<Q", salt))
+        else:
+            self._round = int(meta["round"])
         pending = meta["pending"]
         self._pending = (
             None
