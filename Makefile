@@ -1,9 +1,11 @@
 # Hypha: every set-up step lives here, so a fresh clone needs only `make run` / `make test`.
 #
-#   make run        the main job (for now: the codec on a real pseudo-gradient)
+#   make run        the main job: a whole Hypha network on 127.0.0.1 training a GPT with DiLoCo
+#                   (python -m hypha up; RUN_ARGS="--workers 4 --codec int4" passes flags)
 #   make test       build everything, then ruff, mypy, ctest (+ CUDA compile check) and pytest
 #   make bench      the kernel and codec benchmarks (bench/README.md); bench-convergence and
-#                   bench-sync run the DiLoCo ones, bench-transport the network's throughput
+#                   bench-sync run the DiLoCo ones, bench-transport the network's throughput,
+#                   bench-e2e the whole network (3 workers, one throttled; perf-aware sync)
 #
 # Variables: PYTHON (interpreter for the venv), VENV, TORCH_SPEC (how torch is installed when the
 # venv has none; the default is the CPU build that installs offline on the project's machines —
@@ -22,7 +24,7 @@ EXT_STAMP  := $(VENV)/.hypha-ext
 
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync bench-convergence bench-transport
+.PHONY: all install build run test lint typecheck ctest pytest bench clean distclean bench-sync bench-convergence bench-transport bench-e2e
 
 all: build
 
@@ -33,7 +35,7 @@ $(PY):
 # dependencies, built without isolation against that torch.
 $(VENV)/.installed: pyproject.toml setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q --no-build-isolation -e ".[dev,triton]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,triton,bench]"
 	touch $@ $(EXT_STAMP)
 
 install: $(VENV)/.installed
@@ -46,7 +48,7 @@ $(EXT_STAMP): $(VENV)/.installed $(CSRC)
 build: $(EXT_STAMP)
 
 run: build
-	$(PY) -m hypha.demo
+	$(PY) -m hypha up $(RUN_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check hypha kernels tests bench examples
@@ -76,6 +78,10 @@ bench-convergence: build
 # 256 MiB between two processes: TCP, TLS, our tensor stream (1 and 4 streams), via the relay
 bench-transport: install
 	$(PY) bench/transport.py
+
+# the main job end to end: 3 equal workers, then one throttled 3x, perf-aware sync off and on
+bench-e2e: build
+	$(PY) bench/e2e.py
 
 clean:
 	rm -rf build hypha/_C*.so .pytest_cache .mypy_cache .ruff_cache $(EXT_STAMP)

@@ -7,82 +7,37 @@
   owns a disjoint shard of the same distribution. A worker draws random windows of its own
   shard with its own seeded generator (:class:`Stream`): batch ``t`` of worker ``r`` is the same
   in every run, whatever the optimizer.
-* Model: :class:`GPT`, a GPT-style byte-level transformer (token + learned position embeddings,
-  pre-LayerNorm blocks with causal self-attention and a GELU MLP, untied output head).
+* Model: :class:`hypha.models.GPT` (re-exported here with :class:`~hypha.models.GPTConfig`), a
+  GPT-style byte-level transformer (token + learned position embeddings, pre-LayerNorm blocks
+  with causal self-attention and a GELU MLP, untied output head).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bench._pseudograd import Block, stdlib_text
+from bench._pseudograd import stdlib_text
+from hypha.models import GPT, GPTConfig
 
-__all__ = ["BLOCK_BYTES", "EVAL_EVERY", "GPT", "Corpus", "GPTConfig", "Stream", "load_corpus"]
+__all__ = [
+    "BLOCK_BYTES",
+    "EVAL_EVERY",
+    "GPT",
+    "Corpus",
+    "GPTConfig",
+    "Stream",
+    "load_corpus",
+    "num_params",
+]
 
 BLOCK_BYTES = 16 * 1024  # the unit of sharding and of the held-out split
 EVAL_EVERY = 20  # every 20th block (5% of the text) is held out
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    d_model: int = 192
-    n_layers: int = 3
-    n_heads: int = 4
-    d_ff: int = 768
-    context: int = 64
-    vocab: int = 256
-
-
 # --- model --------------------------------------------------------------------------------------
-
-
-class GPT(nn.Module):
-    """Byte-level GPT: ``forward(idx)`` -> logits; ``loss(x, y)`` -> mean cross-entropy (nats)."""
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
-        self.pos = nn.Embedding(cfg.context, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_ff) for _ in range(cfg.n_layers)
-        )
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2:  # GPT-2 init: residual projections scaled by 1/sqrt(2 layers)
-                scale = (
-                    math.sqrt(2 * cfg.n_layers)
-                    if name.endswith(("fc2.weight", "proj.weight"))
-                    else 1
-                )
-                nn.init.normal_(p, std=0.02 / scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos.weight[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on the matrices (``dim() >= 2``: linear weights and
-        embeddings), none on biases and LayerNorms, as in nanoGPT."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
 
 def num_params(model: nn.Module) -> int:

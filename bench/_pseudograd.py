@@ -1,9 +1,9 @@
 """A real DiLoCo pseudo-gradient to benchmark the codec on, instead of random data.
 
-A tiny byte-level transformer language model (~1.45M parameters: 3 layers, d=192) is trained with AdamW on the
-source text of the Python standard library (the top-level ``*.py`` files of
-``sysconfig.get_paths()["stdlib"]``, in sorted order: present on every Python install, no
-download). DiLoCo-style: ``pretrain_steps`` steps to get past the initialisation, snapshot
+A tiny byte-level transformer language model (:class:`hypha.models.GPT`, ~1.45M parameters:
+3 layers, d=192) is trained with AdamW on the source text of the Python standard library (the
+top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]``, in sorted order: present on every
+Python install, no download). DiLoCo-style: ``pretrain_steps`` steps to get past the initialisation, snapshot
 ``theta0``, ``inner_steps`` more steps (one outer round), then ``delta = theta0 - theta`` for every
 parameter. Everything is seeded, so the same settings give the same deltas on the same
 Python/torch; the result is cached in ``/tmp`` (never in the repository) keyed by a hash of the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -33,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Block", "PGConfig", "PseudoGrad", "pseudo_gradient", "stdlib_text", "tile"]
+from hypha.models import GPT, GPTConfig
+
+__all__ = ["PGConfig", "PseudoGrad", "pseudo_gradient", "stdlib_text", "tile"]
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "hypha-bench-cache"
 
@@ -89,59 +90,6 @@ def stdlib_text(max_bytes: int) -> bytes:
     return bytes(out[:max_bytes])
 
 
-# --- model --------------------------------------------------------------------------------------
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block (causal attention + GELU MLP); bench/_gpt.py uses it too."""
-
-    def __init__(self, d: int, heads: int, ff: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, ff)
-        self.fc2 = nn.Linear(ff, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class TinyLM(nn.Module):
-    """GPT-style byte-level LM: token + position embeddings, pre-LN blocks, untied head."""
-
-    def __init__(self, cfg: PGConfig) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(256, cfg.d_model)
-        self.pos = nn.Embedding(cfg.context, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_ff) for _ in range(cfg.n_layers)
-        )
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, 256, bias=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                nn.init.normal_(
-                    p,
-                    std=0.02
-                    / (math.sqrt(2 * cfg.n_layers) if "fc2" in name or "proj" in name else 1.0),
-                )
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok(idx) + self.pos(pos)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -149,7 +97,7 @@ def _key(cfg: PGConfig, text: bytes) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
     h.update(hashlib.sha256(text).digest())
-    h.update(f"{torch.__version__}|{platform.python_version()}|{platform.machine()}|v2".encode())
+    h.update(f"{torch.__version__}|{platform.python_version()}|{platform.machine()}|v3".encode())
     return h.hexdigest()[:16]
 
 
@@ -167,17 +115,16 @@ def _train(cfg: PGConfig, text: bytes, log: bool) -> PseudoGrad:
         y = torch.stack([src[i + 1 : i + 1 + cfg.context] for i in ix.tolist()])
         return x, y
 
-    model = TinyLM(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=cfg.betas,
+    model = GPT(
+        GPTConfig(
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            d_ff=cfg.d_ff,
+            context=cfg.context,
+        )
     )
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
     # a fixed held-out batch (the last 5% of the text), the same before and after the round
     vix = torch.randint(

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("hypha.worker.__main__", "run a worker: offer resources, keep leases, run jobs"),
     "scheduler": ("hypha.scheduler.__main__", "run a scheduler: lease workers, dispatch a job"),
     "data": ("hypha.data.__main__", "run a data node: prepare datasets, serve slices to workers"),
+    "up": ("hypha.up", "start a whole local network on 127.0.0.1 and train a GPT over it"),
 }
 
 

@@ -13,6 +13,14 @@ Endpoints (JSON bodies of at most 64 KiB; errors are ``{"error": "..."}`` with a
     POST /resources/receive  → text/event-stream: one ``data: {"path", "peer", "name", "size"}``
                              event per file that arrived under ``incoming/``, ``: keepalive``
                              comments in between (GET works too, for EventSource clients)
+    POST /metrics            {"step": n >= 0, "values": {"loss": 2.31, ...}}
+                             → {"round": int|null, "batches": int|null,
+                                "parameter_server": "<peer id>"|null}
+                             (the scheduler's latest instruction; see BridgeBackend.report)
+
+``/metrics`` takes at most :data:`MAX_METRICS` values, each named like ``loss`` or
+``train/tokens_per_s`` (1-64 of ``A-Z a-z 0-9 _ . / -``) with a finite number; it answers at once
+(the backend forwards the report in the background).
 
 Paths in requests are relative to the job's work directory and confined to it
 (``hypha.executors._paths``); ``.hypha/`` in it is the worker's and is never written through
@@ -25,8 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import socket
 import stat
@@ -35,7 +45,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypedDict, cast
 
 import trio
 
@@ -55,12 +65,15 @@ from hypha.executors._paths import (
 __all__ = [
     "DEFAULT_KEEPALIVE_INTERVAL",
     "MAX_BODY_BYTES",
+    "MAX_METRICS",
+    "METRIC_NAME",
     "PRIVATE_DIR",
     "STRATEGIES",
     "BridgeBackend",
     "BridgeError",
     "FetchRequest",
     "IncomingFile",
+    "Instruction",
     "JobBridge",
     "deliver",
     "incoming_destination",
@@ -79,6 +92,13 @@ MAX_SOCKET_PATH_BYTES = 107
 STRATEGIES = ("all", "one", "random")
 MAX_PEERS = 1024
 MAX_ID_CHARS = 256  # peer ids and dataset names
+# NOTE: these two mirror hypha.messages.metrics (MetricName, MetricsReport's MaxItems), which the
+# bridge does not import (it would load the network stack); a unit test checks they agree.
+#: The most values one ``POST /metrics`` may carry.
+MAX_METRICS = 128
+#: What a metric's name looks like: ``loss``, ``train/tokens_per_s``.
+METRIC_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
+MAX_STEP = (1 << 63) - 1
 _CHUNK = 1 << 20
 
 Source = Literal["peer", "data", "path"]
@@ -110,6 +130,39 @@ def _optional_str(body: Mapping[str, object], key: str, limit: int) -> str | Non
     if len(value.encode("utf-8", "surrogatepass")) > limit:
         raise BridgeError(400, f"{key} is longer than {limit} bytes")
     return value
+
+
+def _metrics_report(body: Mapping[str, object]) -> tuple[int, dict[str, float]]:
+    """The step and values of a ``POST /metrics`` body; ``BridgeError(400)`` says what is
+    wrong."""
+    _refuse_unknown(body, frozenset({"step", "values"}))
+    if "step" not in body:
+        raise BridgeError(400, "missing 'step' (the training step the values were measured at, "
+                               "an integer >= 0)")
+    step = body["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        raise BridgeError(400, f"step must be an integer from 0 to {MAX_STEP}, got {step!r}")
+    values = body.get("values")
+    if not isinstance(values, dict):
+        raise BridgeError(400, "values must be a JSON object of metric name → number, got "
+                               f"{type(values).__name__ if 'values' in body else 'nothing'}")
+    if len(values) > MAX_METRICS:
+        raise BridgeError(400, f"at most {MAX_METRICS} values per report, got {len(values)}")
+    checked: dict[str, float] = {}
+    for name, value in values.items():
+        if not METRIC_NAME.fullmatch(name):
+            raise BridgeError(400, f"metric name {name[:80]!r} is not 1-64 characters of "
+                                   "letters, digits, '_', '.', '/' and '-'")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise BridgeError(400, f"value of {name!r} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise BridgeError(400, f"value of {name!r} must be finite, got {value!r}")
+        checked[name] = number
+    return step, checked
 
 
 def _refuse_unknown(body: Mapping[str, object], known: frozenset[str]) -> None:
@@ -184,6 +237,17 @@ class IncomingFile:
     size: int
 
 
+class Instruction(TypedDict):
+    """The answer to ``POST /metrics``: the scheduler's latest instruction to a DiLoCo training
+    job (see :class:`hypha.messages.MetricsReceived`): in outer round ``round``, run
+    ``batches`` batches in all from the last synchronisation, then send the pseudo-gradient to
+    ``parameter_server``. All three are None until the scheduler has said, and for other jobs."""
+
+    round: int | None
+    batches: int | None
+    parameter_server: str | None
+
+
 class BridgeBackend(Protocol):
     """What the bridge needs from the worker; ``LocalBackend`` for one machine, a network
     backend for real jobs.
@@ -234,6 +298,16 @@ class BridgeBackend(Protocol):
         of them. Files that arrive while no stream is open wait (in a bounded queue) for the
         next. The iterator ends when the backend closes. The bridge ``aclose()``s it when the
         stream ends, so an async generator is the natural implementation."""
+        ...
+
+    async def report(self, step: int, values: dict[str, float]) -> Instruction:
+        """The job measured ``values`` at training ``step`` (checked: ``step >= 0``, at most
+        :data:`MAX_METRICS` finite values with valid names); returns the latest instruction the
+        backend knows (:class:`Instruction`; all None when there is none).
+
+        It must return at once, without waiting on the network: the script calls it every
+        batch. A backend that forwards reports does it in the background, and never fails the
+        call because the forwarding failed."""
         ...
 
 
@@ -475,6 +549,7 @@ class JobBridge:
             "/resources/fetch": (("POST",), partial(self._json_endpoint, self._fetch)),
             "/resources/send": (("POST",), partial(self._json_endpoint, self._send)),
             "/resources/receive": (("POST", "GET"), self._receive),
+            "/metrics": (("POST",), partial(self._json_endpoint, self._metrics)),
         }
 
     # --- lifecycle ---
@@ -645,6 +720,12 @@ class JobBridge:
         unique = list(dict.fromkeys(cast(list[str], peers)))
         sent = await self.backend.send(source, unique, strategy, name)
         return {"sent_to": sent}
+
+    async def _metrics(self, body: dict[str, object]) -> dict[str, object]:
+        step, values = _metrics_report(body)
+        answer = await self.backend.report(step, values)
+        return {"round": answer.get("round"), "batches": answer.get("batches"),
+                "parameter_server": answer.get("parameter_server")}
 
     def _relative(self, path: Path) -> str:
         for root in (self._root, Path(self.work_dir)):

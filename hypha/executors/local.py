@@ -3,13 +3,16 @@
 ``LocalBackend`` serves single-machine runs and tests. It fetches ``source="path"`` files from
 the work dir or from allow-listed directories; ``"peer"`` and ``"data"`` sources need the network
 and answer 501. Backends that share a :class:`Loopback` can send each other files by peer id, so
-two bridges in one process exchange files as two workers would.
+two bridges in one process exchange files as two workers would. Metrics reports are kept in
+memory (``reports``) and answered with a fixed instruction.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -26,11 +29,12 @@ from hypha.executors.bridge import (
     BridgeError,
     FetchRequest,
     IncomingFile,
+    Instruction,
     deliver,
     incoming_destination,
 )
 
-__all__ = ["LocalBackend", "Loopback"]
+__all__ = ["LocalBackend", "Loopback", "Report"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,14 @@ def _copy(source: Path, dest: Path, *, overwrite: bool) -> tuple[Path, int]:
             out.file.write(chunk)
             size += len(chunk)
         return out.commit(overwrite=overwrite), size
+
+
+@dataclass(frozen=True)
+class Report:
+    """One ``POST /metrics`` a :class:`LocalBackend` received."""
+
+    step: int
+    values: dict[str, float]
 
 
 class Loopback:
@@ -79,14 +91,21 @@ class LocalBackend:
       wait in a queue of ``queue_size`` for a receive stream (a sender blocks when it is full).
       Without a loopback, ``send`` answers 501.
 
+    - ``report`` appends each metrics report to ``reports`` (the last ``max_reports``) and
+      answers ``instruction``: by default none (all None), as a job without a scheduler gets.
+      Assign ``instruction`` to change the answer.
+
     ``close()`` (or leaving ``with``) takes it off the loopback and ends its receive streams.
     """
 
     def __init__(self, work_dir: Path, *, allowed_dirs: Iterable[Path] = (),
                  peer_id: str = "local", loopback: Loopback | None = None,
-                 queue_size: int = 64) -> None:
+                 queue_size: int = 64, instruction: Instruction | None = None,
+                 max_reports: int = 10_000) -> None:
         if queue_size < 1:
             raise ValueError(f"Invalid queue_size: {queue_size}")
+        if max_reports < 1:
+            raise ValueError(f"Invalid max_reports: {max_reports}")
         self.work_dir = Path(work_dir).resolve(strict=True)
         self.allowed_dirs = tuple(Path(d).resolve(strict=True) for d in allowed_dirs)
         for directory in (self.work_dir, *self.allowed_dirs):
@@ -96,6 +115,9 @@ class LocalBackend:
         self._loopback = loopback
         self._inbox, self._outbox = trio.open_memory_channel[IncomingFile](queue_size)
         self._closed = False
+        self.instruction: Instruction = instruction if instruction is not None else {
+            "round": None, "batches": None, "parameter_server": None}
+        self.reports: deque[Report] = deque(maxlen=max_reports)
         if loopback is not None:
             loopback._join(peer_id, self)
 
@@ -127,6 +149,10 @@ class LocalBackend:
     async def incoming(self) -> AsyncIterator[IncomingFile]:
         async for file in self._outbox:
             yield file
+
+    async def report(self, step: int, values: dict[str, float]) -> Instruction:
+        self.reports.append(Report(step, dict(values)))
+        return Instruction(**self.instruction)
 
     async def _accept(self, sender: str, source: Path, name: str) -> None:
         """Take a file that ``sender`` sends: write it under incoming/, then queue it."""

@@ -43,6 +43,16 @@ exchange files; a job id is not known to other workers), which writes it under `
 and yields it from ``incoming()`` (``POST /resources/receive``). The sender is a peer with a
 certificate of the network's CA; what it claims in the meta is not checked further. Every file
 is bounded by :data:`MAX_FILE_BYTES` and every job by a queue of files waiting to be received.
+
+``report`` (``POST /metrics``) returns at once with the latest instruction the job's scheduler
+gave (round, batches, parameter server; all None before its first answer). The report itself
+waits for a background task that sends it to the scheduler as
+:class:`~hypha.messages.MetricsReport` (``/hypha/metrics/1``), one at a time and at most one
+every :data:`METRICS_INTERVAL` seconds: a report that comes while another waits replaces it
+(the latest wins), and a step lower than one already reported is refused (400). The instruction
+is the one in the scheduler's latest answer. A report that cannot be delivered is dropped and
+logged (a warning every :data:`METRICS_WARN_INTERVAL` seconds at most); the script never sees
+it. :meth:`NetworkBackend.finish` sends the last report before it reports the slices used.
 """
 
 from __future__ import annotations
@@ -50,12 +60,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 import trio
 from libp2p.peer.id import ID
@@ -67,6 +78,7 @@ from hypha.executors.bridge import (
     BridgeError,
     FetchRequest,
     IncomingFile,
+    Instruction,
     deliver,
     incoming_destination,
     read_chunks,
@@ -84,6 +96,8 @@ from hypha.messages import (
     FetchSlice,
     FileComing,
     MessageError,
+    MetricsReceived,
+    MetricsReport,
     SliceComing,
     decode,
     encode,
@@ -103,6 +117,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_SLICE_BYTES",
     "SLICE_PREFIX",
+    "FileReceiver",
     "NetworkBackend",
     "StreamRouter",
     "file_stream",
@@ -141,6 +156,11 @@ SLICE_RETRY: Final = (0.5, 10.0)
 MAX_RECEIVING: Final = 4
 #: Bytes read from a file per chunk that is sent.
 SEND_CHUNK: Final = 4 << 20
+#: Seconds between two metrics reports forwarded to the scheduler (the reports in between are
+#: replaced by the latest).
+METRICS_INTERVAL: Final = 0.1
+#: Seconds between two warnings about metrics that could not be forwarded.
+METRICS_WARN_INTERVAL: Final = 60.0
 _PREFETCH_DIR: Final = "prefetch"
 
 
@@ -185,6 +205,15 @@ class _Expected:
         return self._stream
 
 
+class FileReceiver(Protocol):
+    """A job that takes ``file:<scheduler>:<name>`` streams: it says which names it takes, and
+    reads (or refuses) each one it is handed."""
+
+    def takes(self, name: str) -> bool: ...
+
+    async def accept(self, incoming: IncomingTensorStream, name: str) -> None: ...
+
+
 class StreamRouter:
     """The worker's one tensor-stream handler: each incoming stream goes to whoever awaits it.
 
@@ -193,8 +222,9 @@ class StreamRouter:
     * ``file-fetch:...`` streams likewise, to a fetch that registered with
       :meth:`expect_announced` before it asked that peer, and learnt the name from its answer;
       while a fetch from that peer still waits for its answer, the stream waits for it.
-    * ``file:<scheduler>:<name>`` streams go to a job of ``scheduler`` running here (the first
-      one to have registered, when there are several); none running: refused.
+    * ``file:<scheduler>:<name>`` streams go to a job of ``scheduler`` running here that takes
+      ``name`` (:class:`FileReceiver`; the first to have registered, when there are several;
+      the parameter-server executor registers first for ``delta-*``); none: refused.
     * Anything else is refused.
     """
 
@@ -202,7 +232,7 @@ class StreamRouter:
         self._expected: dict[tuple[str, str], deque[_Expected]] = {}
         self._unnamed: Counter[tuple[str, str]] = Counter()  # (peer, prefix) → fetches asking
         self._changed = trio.Event()  # set (and replaced) when an unnamed fetch learns its name
-        self._receivers: dict[str, list[NetworkBackend]] = {}
+        self._receivers: dict[str, list[FileReceiver]] = {}
         self.refused = 0
 
     def install(self, net: Network) -> None:
@@ -264,10 +294,14 @@ class StreamRouter:
         self._changed.set()
         self._changed = trio.Event()
 
-    def add_receiver(self, scheduler: str, backend: NetworkBackend) -> None:
-        self._receivers.setdefault(scheduler, []).append(backend)
+    def add_receiver(self, scheduler: str, backend: FileReceiver, *, first: bool = False) -> None:
+        receivers = self._receivers.setdefault(scheduler, [])
+        if first:
+            receivers.insert(0, backend)
+        else:
+            receivers.append(backend)
 
-    def remove_receiver(self, scheduler: str, backend: NetworkBackend) -> None:
+    def remove_receiver(self, scheduler: str, backend: FileReceiver) -> None:
         receivers = self._receivers.get(scheduler, [])
         if backend in receivers:
             receivers.remove(backend)
@@ -295,12 +329,13 @@ class StreamRouter:
             await expected.released.wait()
         elif name.startswith(FILE_PREFIX):
             scheduler, _, file_name = name[len(FILE_PREFIX):].partition(":")
-            receivers = self._receivers.get(scheduler)
-            if not receivers or not file_name:
-                await self._refuse(incoming, f"no job of scheduler {scheduler!r} runs on this "
-                                   "worker")
+            receiver = next((r for r in self._receivers.get(scheduler, ())
+                             if file_name and r.takes(file_name)), None)
+            if receiver is None:
+                await self._refuse(incoming, f"no job of scheduler {scheduler!r} that takes "
+                                   f"{file_name!r} runs on this worker")
                 return
-            await receivers[0]._accept(incoming, file_name)
+            await receiver.accept(incoming, file_name)
         else:
             await self._refuse(incoming, f"this worker takes no tensor stream named {name!r}")
 
@@ -350,7 +385,8 @@ class NetworkBackend:
     are routed to it while it runs); ``await backend.finish()`` when the job exited 0;
     ``await backend.aclose()`` when the job is over. ``counts`` (shared by the worker's jobs)
     counts ``slices fetched``, ``slices prefetched``, ``prefetch used``, ``files fetched``,
-    ``files sent`` and ``files received``.
+    ``files sent``, ``files received``, ``metrics reported`` (by the script), ``metrics sent``
+    (to the scheduler) and ``metrics failed`` (not delivered).
     """
 
     def __init__(self, net: Network, router: StreamRouter, *, job_id: str, scheduler: ID,
@@ -372,6 +408,14 @@ class NetworkBackend:
         self._nursery: trio.Nursery | None = None
         self._started = False
         self._stopped = trio.Event()
+        self._instruction: Instruction = {"round": None, "batches": None,
+                                          "parameter_server": None}
+        self._report: MetricsReport | None = None  #: waiting to be sent
+        self._reported_step = -1
+        self._report_ready = trio.Event()
+        self._sending_report = trio.Lock()
+        self._report_failures = 0  #: since the last warning
+        self._report_warned: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -382,6 +426,7 @@ class NetworkBackend:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._forward_reports)
                     task_status.started()
                     await trio.sleep_forever()
         finally:
@@ -402,10 +447,68 @@ class NetworkBackend:
                 await self._stopped.wait()
 
     async def finish(self) -> None:
-        """The job exited 0: report the slices it was handed as used."""
+        """The job exited 0: send its last metrics report, and report the slices it was handed
+        as used."""
+        await self._send_report()
         for feed in self._feeds.values():
             async with feed.lock:
                 await self._report_used(feed)
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    async def report(self, step: int, values: dict[str, float]) -> Instruction:
+        if step < self._reported_step:
+            raise BridgeError(400, f"step {step} goes back: this job already reported step "
+                                   f"{self._reported_step}")
+        try:
+            report = MetricsReport(job_id=self.job_id, step=step, values=values,
+                                   time=time.time())
+        except MessageError as exc:
+            raise BridgeError(400, f"the report cannot be sent: {exc}") from None
+        self._reported_step = step
+        self._report = report
+        self._report_ready.set()
+        self.counts["metrics reported"] += 1
+        return Instruction(**self._instruction)
+
+    async def _forward_reports(self) -> None:
+        """Send the waiting report, one at a time, at most one every METRICS_INTERVAL s."""
+        while True:
+            await self._report_ready.wait()
+            self._report_ready = trio.Event()
+            await self._send_report()
+            await trio.sleep(METRICS_INTERVAL)
+
+    async def _send_report(self) -> None:
+        async with self._sending_report:
+            report, self._report = self._report, None
+            if report is None:
+                return
+            try:
+                with trio.fail_after(RPC_TIMEOUT):
+                    reply = await self.net.request(self.scheduler, PROTOCOLS["metrics"],
+                                                   encode(report))
+                answer = decode(MetricsReceived, reply)
+                if answer.job_id != self.job_id:
+                    raise ValueError(f"the answer is for job {answer.job_id}, not "
+                                     f"{self.job_id}")
+            except (RPCError, DialError, NetworkClosed, MessageError, ValueError,
+                    trio.TooSlowError) as exc:
+                # NOTE: not the script's problem, and decided here: the next report carries the
+                # newer numbers; the instruction stays the last one the scheduler gave.
+                self.counts["metrics failed"] += 1
+                self._report_failures += 1
+                now = trio.current_time()
+                if self._report_warned is None or now - self._report_warned >= \
+                        METRICS_WARN_INTERVAL:
+                    log.warning("job %s: %d metrics report(s) could not be sent to the "
+                                "scheduler %s; the last: %s", self.job_id,
+                                self._report_failures, self.scheduler,
+                                str(exc) or "no answer in time")
+                    self._report_warned, self._report_failures = now, 0
+                return
+            self.counts["metrics sent"] += 1
+            self._instruction = {"round": answer.round, "batches": answer.batches,
+                                 "parameter_server": answer.parameter_server}
 
     # -- fetch ------------------------------------------------------------------------------------------
     async def fetch(self, request: FetchRequest, dest: Path) -> int:
@@ -675,7 +778,11 @@ class NetworkBackend:
         async for file in self._outbox:
             yield file
 
-    async def _accept(self, incoming: IncomingTensorStream, name: str) -> None:
+    def takes(self, name: str) -> bool:
+        """Every file a peer sends to a job of this scheduler (see :class:`FileReceiver`)."""
+        return True
+
+    async def accept(self, incoming: IncomingTensorStream, name: str) -> None:
         """Take a file a peer sends to this job: write it under incoming/, then queue it."""
         size = incoming.meta.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_BYTES:

@@ -110,25 +110,44 @@ class ResourcesSection:
 
 @dataclass(frozen=True)
 class ExecutorSection:
-    """The executor this worker offers: a process executor running the command for each job.
-
-    NOTE: the built-in parameter-server executor joins this section with the DiLoCo job over
-    the network (issue 6); until then a worker needs a command to offer anything."""
+    """The executors this worker offers: a process executor running the command for each job
+    (when a command is given), and the built-in DiLoCo parameter server (when
+    ``parameter_server`` is on). A worker must offer at least one."""
 
     name: str = setting("train", "name of the process executor, as schedulers ask for it")
     runtime: str = setting("python", "runtime of the process executor, as schedulers ask for it")
     command: list[str] = setting(
         [],
         "the process executor's command line, one argument per item; {SOCKET_PATH}, {WORK_DIR} "
-        "and {JOB_JSON} are replaced per job (required to run a worker)",
+        "and {JOB_JSON} are replaced per job (a worker needs a command, or parameter_server on)",
         metavar="ARG",
     )
+
+    env: list[str] = setting(
+        [], "extra environment of every job, as KEY=VALUE items (e.g. HYPHA_THROTTLE=3 makes "
+        "the training executor 3x slower, for tests and benchmarks)", metavar="KEY=VALUE")
+    parameter_server: bool = setting(
+        False, "also offer the built-in parameter-server executor that aggregates a DiLoCo "
+        "run's pseudo-gradients and applies the outer step (kind parameter-server)")
+    parameter_server_name: str = setting(
+        "diloco", "name of the parameter-server executor, as schedulers ask for it")
 
     def validate(self) -> None:
         try:
             Executor(kind="process", name=self.name, runtime=self.runtime)
         except MessageError as exc:
             raise InvalidSetting(exc.path, f"{exc.problem}") from None
+        try:
+            Executor(kind="parameter-server", name=self.parameter_server_name,
+                     runtime=self.runtime)
+        except MessageError as exc:
+            raise InvalidSetting("parameter_server_name", f"{exc.problem}") from None
+        for i, item in enumerate(self.env):
+            key = item.split("=", 1)[0]
+            if "=" not in item or not key or not key.replace("_", "a").isalnum() \
+                    or key[0].isdigit():
+                raise InvalidSetting(f"env[{i}]", f"expected KEY=VALUE with KEY a variable name, "
+                                     f"got {item!r}")
         if self.command and not self.command[0].strip():
             raise InvalidSetting("command[0]", "the program to run is empty")
         known = ", ".join(f"{{{p}}}" for p in COMMAND_PLACEHOLDERS)
@@ -140,11 +159,19 @@ class ExecutorSection:
                         f"unknown placeholder {{{name}}} in {arg!r}; known: {known}",
                     )
 
+    def job_env(self) -> dict[str, str]:
+        """The ``env`` items as a mapping."""
+        return dict(item.split("=", 1) for item in self.env)
+
     def offered(self) -> list[Executor]:
-        """The executors this worker offers (none without a command)."""
-        if not self.command:
-            return []
-        return [Executor(kind="process", name=self.name, runtime=self.runtime)]
+        """The executors this worker offers (the process executor only with a command)."""
+        offered = []
+        if self.command:
+            offered.append(Executor(kind="process", name=self.name, runtime=self.runtime))
+        if self.parameter_server:
+            offered.append(Executor(kind="parameter-server", name=self.parameter_server_name,
+                                    runtime=self.runtime))
+        return offered
 
 
 @dataclass(frozen=True)

@@ -20,22 +20,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from libp2p.peer.id import ID
 
 from hypha.executors.network import NetworkBackend, StreamRouter
 from hypha.executors.process import JobStatus as ExecutorStatus
-from hypha.executors.process import ProcessExecutor
 from hypha.executors.workspace import JobWorkspace, WorkspaceError
 from hypha.messages import PROTOCOLS, Executor, JobSpec, JobStatus, StatusReceived, decode, encode
 from hypha.net import Network, RequestRejected
 
-__all__ = ["JobManager"]
+__all__ = ["JobExecutor", "JobManager"]
 
 log = logging.getLogger("hypha.worker.jobs")
 
@@ -43,6 +42,16 @@ log = logging.getLogger("hypha.worker.jobs")
 STATUS_TIMEOUT = 10.0
 #: Status reports queued before the oldest are dropped (the final state is always kept).
 STATUS_QUEUE = 256
+
+
+class JobExecutor(Protocol):
+    """What runs a job: :class:`~hypha.executors.ProcessExecutor` (any script, beside its job
+    bridge) or :class:`~hypha.executors.parameter_server.ParameterServerExecutor`. ``run``
+    reports every state change through ``on_status`` and returns the final one."""
+
+    async def run(self, job: Mapping[str, Any], work_dir: Path,
+                  on_status: Callable[[ExecutorStatus], None], *,
+                  backend: Any = None, task_status: Any = ...) -> ExecutorStatus: ...
 
 
 @dataclass
@@ -58,7 +67,7 @@ class _Job:
 class JobManager:
     """Runs jobs through executors and reports their status to their schedulers."""
 
-    def __init__(self, net: Network, executors: Mapping[Executor, ProcessExecutor], *,
+    def __init__(self, net: Network, executors: Mapping[Executor, JobExecutor], *,
                  work_dir: Path, keep_work_dirs: bool = False, prefetch: bool = True,
                  fetch_dirs: Iterable[Path] = ()) -> None:
         self.net = net
@@ -129,7 +138,7 @@ class JobManager:
             await self.stop(job_id, reason)
 
     # -- running -------------------------------------------------------------------------------------
-    async def _run(self, job: _Job, executor: ProcessExecutor, work_dir: Path) -> None:
+    async def _run(self, job: _Job, executor: JobExecutor, work_dir: Path) -> None:
         spec: dict[str, Any] = {
             "id": job.spec.id,
             "executor": {"kind": job.spec.executor.kind, "name": job.spec.executor.name,

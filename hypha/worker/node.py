@@ -28,12 +28,14 @@ from libp2p.peer.id import ID
 from prometheus_client.core import Metric
 
 import hypha
+from hypha.executors.parameter_server import ParameterServerExecutor
 from hypha.executors.process import ProcessExecutor
 from hypha.leases import LeaseError
 from hypha.messages import (
     PROTOCOLS,
     WORKER_TOPIC,
     DispatchJob,
+    Executor,
     Health,
     HealthCheck,
     JobAccepted,
@@ -59,7 +61,7 @@ from hypha.net import (
 from hypha.rolecli import serve_node
 from hypha.worker.arbiter import Arbiter, batches
 from hypha.worker.config import WorkerConfig
-from hypha.worker.jobs import JobManager
+from hypha.worker.jobs import JobExecutor, JobManager
 from hypha.worker.resources import apply_overrides, detect
 
 __all__ = ["WorkerNode", "run"]
@@ -233,7 +235,8 @@ async def run(config: WorkerConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
             raise ValueError("network.bootstrap is empty: a worker needs the address of at "
                              "least one gateway (…/p2p/<peer id>) to find schedulers")
         if not executors:
-            raise ValueError("executor.command is empty: this worker would offer no executor")
+            raise ValueError("executor.command is empty and executor.parameter_server is off: "
+                             "this worker would offer no executor")
         for directory in config.jobs.fetch_dirs:
             if not directory.is_dir():
                 raise ValueError(f"jobs.fetch_dirs: {directory} is not a directory")
@@ -244,13 +247,18 @@ async def run(config: WorkerConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
     except ValueError as exc:
         log.error("cannot start the worker: %s", exc)
         return 2
-    env = {"CUDA_VISIBLE_DEVICES": str(config.resources.gpu)} \
-        if config.resources.gpu is not None else {}
-    process = ProcessExecutor(config.executor.command, env)
+    # a job sees the one GPU this worker offers (--gpu N), or none: it must not use what was
+    # not leased
+    env = {**config.executor.job_env(), "CUDA_VISIBLE_DEVICES":
+           "" if config.resources.gpu is None else str(config.resources.gpu)}
+    runners: dict[Executor, JobExecutor] = {}
+    for executor in executors:
+        runners[executor] = ParameterServerExecutor() if executor.kind == "parameter-server" \
+            else ProcessExecutor(config.executor.command, env)
     async with open_network(settings) as net:
         arbiter = Arbiter(resources, executors, config.pricing.to_pricing(),
                           worker_id=str(net.peer_id), offer_ttl=config.jobs.offer_ttl)
-        jobs = JobManager(net, dict.fromkeys(executors, process), work_dir=config.jobs.work_dir,
+        jobs = JobManager(net, runners, work_dir=config.jobs.work_dir,
                           keep_work_dirs=config.jobs.keep_work_dirs,
                           prefetch=config.jobs.prefetch, fetch_dirs=config.jobs.fetch_dirs)
         node = WorkerNode(net, arbiter, jobs, batch_window=config.jobs.batch_window,

@@ -142,6 +142,12 @@ def test_gpu_flag_sets_the_device_index() -> None:
             "{SOCKET_PATH}, {WORK_DIR}, {JOB_JSON}",
         ),
         ("executor.command", [" ", "x"], "executor.command[0]: the program to run is empty"),
+        ("executor.env", ["THROTTLE"], "executor.env[0]: expected KEY=VALUE with KEY a variable "
+         "name, got 'THROTTLE'"),
+        ("executor.env", ["A=1", "1X=2"], "executor.env[1]: expected KEY=VALUE"),
+        ("executor.env", ["=2"], "executor.env[0]: expected KEY=VALUE"),
+        ("executor.parameter_server_name", "Big PS", "executor.parameter_server_name: got "
+         "'Big PS'; allowed: a string of 1-64 characters"),
         (
             "pricing.strategy",
             "hole",
@@ -157,6 +163,22 @@ def test_gpu_flag_sets_the_device_index() -> None:
 )
 def test_invalid_settings(key: str, value: object, message: str) -> None:
     assert message in problem(**{key: value})
+
+
+def test_offered_executors_and_job_env() -> None:
+    from hypha.messages import Executor
+
+    cfg = worker_config(**{"executor.command": ["python", "train.py"],
+                           "executor.parameter_server": "true",
+                           "executor.env": ["HYPHA_THROTTLE=3", "A=b=c"]})
+    assert cfg.executor.offered() == [
+        Executor(kind="process", name="train", runtime="python"),
+        Executor(kind="parameter-server", name="diloco", runtime="python")]
+    assert cfg.executor.job_env() == {"HYPHA_THROTTLE": "3", "A": "b=c"}
+    # a parameter server alone needs no command
+    alone = worker_config(**{"executor.parameter_server": "true"})
+    assert [e.kind for e in alone.executor.offered()] == ["parameter-server"]
+    assert worker_config().executor.offered() == []
 
 
 def test_a_floor_above_the_price_is_allowed() -> None:
