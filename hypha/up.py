@@ -580,6 +580,7 @@ def _run(options: UpOptions, cluster: Cluster, root: Path, t_start: float) -> Ru
             "settings": [f"{k}={v}" for k, v in settings.items()]}}))])
 
     progress = Progress(metrics_log)
+    per_round = options.workers * options.sync_batches * options.batch_size * options.seq_len
     points: list[RoundPoint] = []
     checkpoints = root / "ps"
     seen_round = 0
@@ -600,17 +601,20 @@ def _run(options: UpOptions, cluster: Cluster, root: Path, t_start: float) -> Ru
             if at > seen_round:
                 seen_round = at
                 loss = evaluator.loss(model)
-                points.append(RoundPoint(at, int(progress.total("tokens")),
+                # NOTE: the round's budget, not the workers' counters: they are already into
+                # the next round when the checkpoint is read
+                points.append(RoundPoint(at, at * per_round,
                                          progress.mean("bytes_sent")
                                          + progress.mean("bytes_received"),
                                          loss, time.monotonic() - t_train))
                 say.line(f"round {at}/{options.rounds}: eval loss {loss:.4f} after "
-                         f"{int(progress.total('tokens')):,} tokens")
+                         f"{at * per_round:,} tokens")
         elapsed = time.monotonic() - t_train
-        say.status(f"round {progress.round()}/{options.rounds} | train loss "
-                   f"{progress.mean('loss'):.3f} | {progress.total('tokens') / max(elapsed, 1e-9):,.0f}"
-                   f" tok/s | wire {_size(progress.mean('bytes_sent') + progress.mean('bytes_received'))}"
-                   f"/worker | {elapsed:.0f} s")
+        if progress.trainers():
+            say.status(f"round {progress.round()}/{options.rounds} | train loss "
+                       f"{progress.mean('loss'):.3f} | {progress.total('tokens') / max(elapsed, 1e-9):,.0f}"
+                       f" tok/s | wire {_size(progress.mean('bytes_sent') + progress.mean('bytes_received'))}"
+                       f"/worker | {elapsed:.0f} s")
         if done:
             break
         if time.monotonic() > deadline:
