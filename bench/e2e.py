@@ -94,16 +94,16 @@ def main() -> int:
         shares = list(result.idle_share.values())
         slow = result.idle_share.get("worker-0") if throttle else None
         fast = [v for k, v in result.idle_share.items() if not (throttle and k == "worker-0")]
-        row = table.add(
+        idle_fast = max(fast) if fast else max(shares, default=0.0)
+        target = "-"
+        if throttle and perf_aware:
+            target = "pass" if idle_fast < TARGET_IDLE else "miss"
+        table.add(
             run=name, perf_aware="on" if perf_aware else "off", eval_loss=result.eval_loss,
             baseline=result.baseline_eval_loss if result.baseline_eval_loss is not None else "-",
             wall=result.train_seconds,
             bytes=result.bytes_sent_per_worker + result.bytes_received_per_worker,
-            idle_fast=max(fast) if fast else max(shares, default=0.0),
-            idle_slow=slow if slow is not None else "-",
-            target="-")
-        if throttle and perf_aware:
-            row["target"] = "pass" if row["idle_fast"] < TARGET_IDLE else "miss"
+            idle_fast=idle_fast, idle_slow=slow if slow is not None else "-", target=target)
         rec.note(f"{name}: idle shares {', '.join(f'{k} {v:.1%}' for k, v in sorted(result.idle_share.items()))}; "
                  f"tokens {result.tokens:,}; plot {result.plot}")
     rec.note(f"budget: {args.rounds} rounds x {args.sync_batches} batches x 3 workers x 8 x 64 "
