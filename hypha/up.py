@@ -293,7 +293,7 @@ def _processes_under(root: Path) -> list[int]:
     """Processes of this user whose command line or working directory is under ``root``."""
     found = []
     me = os.getpid()
-    marker = str(root.resolve())
+    marker = str(root.resolve()) + os.sep  # worker-1/ is not worker-10/
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
@@ -304,9 +304,108 @@ def _processes_under(root: Path) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z" and (marker in cmdline or cwd.startswith(marker)):
+        if state != "Z" and (marker in cmdline or (cwd + os.sep).startswith(marker)):
             found.append(int(entry.name))
     return found
+
+
+class LocalNetwork:
+    """The nodes of a local DiLoCo run in ``cluster`` (see the module doc): :meth:`prepare` the
+    PKI and the data, :meth:`start` the gateway, the data node, the parameter server's worker
+    and the trainers, then :meth:`start_scheduler`. ``spare_ps`` more workers offer the
+    parameter-server executor (replacements); :meth:`add_trainer` starts another training
+    worker at any time; :meth:`kill` kills a node as a machine dies (its jobs too). The
+    scheduler keeps the parameter server's checkpoint in :attr:`checkpoint_dir`."""
+
+    def __init__(self, options: UpOptions, cluster: Cluster, *, spare_ps: int = 0,
+                 lease_ttl: float = 10.0, extra_trainers: int = 0) -> None:
+        self.options = options
+        self.cluster = cluster
+        self.root = cluster.root
+        self.lease_ttl = lease_ttl
+        self.ps_names = ["ps", *(f"ps-{i + 1}" for i in range(spare_ps))]
+        self.trainers = [f"worker-{i}" for i in range(options.workers + extra_trainers)]
+        self.names = ["gateway", "data", *self.ps_names, *self.trainers, "scheduler"]
+        self.metrics_log = self.root / "metrics.jsonl"
+        self.checkpoint_dir = self.root / "checkpoints"
+        self.train_dir = self.root / "datasets" / TRAIN_DATASET
+        self.eval_dir = self.root / "datasets" / EVAL_DATASET
+        self.nodes: dict[str, Node] = {}
+        self.bootstrap = ""
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoint_dir / "checkpoint.pt"
+
+    def prepare(self) -> None:
+        self.cluster.make_pki(self.names)
+        prepare_data(self.options, self.root / "datasets")
+
+    def start(self) -> None:
+        gateway = self._start("gateway", "gateway", [])
+        self.bootstrap = gateway.wait_for(r"peers bootstrap from: (\S+)").group(1)
+        data = self._start("data", "data", ["--network-bootstrap", self.bootstrap,
+                                            "--data-datasets", str(self.train_dir),
+                                            str(self.eval_dir)])
+        data.wait_for(rf"announced dataset {TRAIN_DATASET}\b")
+        started = [self.start_ps(name) for name in self.ps_names]
+        started += [self.add_trainer(name, wait=False)
+                    for name in self.trainers[:self.options.workers]]
+        for node in started:
+            node.wait_for(r"bootstrapped from")
+
+    def _worker_args(self, name: str) -> list[str]:
+        (self.root / name).mkdir(exist_ok=True)
+        return ["--network-bootstrap", self.bootstrap, "--jobs-batch-window", "0.05",
+                "--pricing-price", "1", "--pricing-strategy", "flexible",
+                "--jobs-work-dir", str(self.root / name)]
+
+    def start_ps(self, name: str) -> Node:
+        return self._start("worker", name, [*self._worker_args(name),
+                                            "--executor-parameter-server"])
+
+    def add_trainer(self, name: str, *, wait: bool = True) -> Node:
+        """Start training worker ``name`` (one of :attr:`trainers`)."""
+        index = self.trainers.index(name)
+        config = self.cluster.config(name, {"executor": {
+            "command": [sys.executable, "-m", "hypha.executors.train", "{JOB_JSON}"],
+            "env": ["OMP_NUM_THREADS=1",
+                    f"HYPHA_THROTTLE={self.options.throttle.get(index, 1.0)}"]}})
+        node = self._start("worker", name, ["--config", str(config), *self._worker_args(name)])
+        if wait:
+            node.wait_for(r"bootstrapped from")
+        return node
+
+    def start_scheduler(self) -> Node:
+        o = self.options
+        settings = {"model": o.model, "model_seed": o.seed, "codec": o.codec,
+                    "batch_size": o.batch_size, "lr": o.lr, "outer_lr": o.outer_lr,
+                    "outer_momentum": o.outer_momentum}
+        return self._start("scheduler", "scheduler", [
+            "--network-bootstrap", self.bootstrap, "--job-workers", str(o.workers),
+            "--job-parameter-server", "--job-cpu", "0.1", "--job-memory", "64MiB",
+            "--job-storage", "1MiB", "--job-ps-cpu", "0.1", "--job-ps-memory", "64MiB",
+            "--job-ps-storage", "1MiB", "--job-dataset", TRAIN_DATASET,
+            "--job-rounds", str(o.rounds), "--job-sync-batches", str(o.sync_batches),
+            "--job-perf-aware" if o.perf_aware else "--no-job-perf-aware",
+            "--job-round-timeout", str(o.round_timeout), "--job-metrics-log",
+            str(self.metrics_log), "--job-checkpoint-dir", str(self.checkpoint_dir),
+            "--job-lease-ttl", str(self.lease_ttl),
+            "--config", str(self.cluster.config("scheduler", {"job": {
+                "settings": [f"{k}={v}" for k, v in settings.items()]}}))])
+
+    def _start(self, role: str, name: str, args: list[str]) -> Node:
+        node = self.cluster.start(role, name, args)
+        self.nodes[name] = node
+        return node
+
+    def kill(self, name: str) -> None:
+        """SIGKILL node ``name`` and every process of its jobs, as when its machine dies."""
+        node = self.nodes[name]
+        _signal_group(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+        for pid in _processes_under(self.root / name):
+            _signal_group(pid, signal.SIGKILL, own_group=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,59 +629,21 @@ def _run(options: UpOptions, cluster: Cluster, root: Path, t_start: float) -> Ru
     if isinstance(context, int) and options.seq_len > context:
         raise ValueError(f"--seq-len {options.seq_len} is longer than model {options.model!r} "
                          f"takes ({context} tokens)")
-    trainers = [f"worker-{i}" for i in range(options.workers)]
-    cluster.make_pki(["gateway", "data", "ps", *trainers, "scheduler"])
-    say.line(f"PKI: root and org CA, {options.workers + 4} node certificates in {cluster.pki}")
-    train_dir, eval_dir = prepare_data(options, root / "datasets")
+    net = LocalNetwork(options, cluster)
+    net.prepare()
+    say.line(f"PKI: root and org CA, {len(net.names)} node certificates in {cluster.pki}")
     say.line(f"data: {options.corpus} prepared as {TRAIN_DATASET} and {EVAL_DATASET} in "
              f"{root / 'datasets'}")
-    evaluator = Evaluator(options, eval_dir)
-
-    gateway = cluster.start("gateway", "gateway", [])
-    bootstrap = gateway.wait_for(r"peers bootstrap from: (\S+)").group(1)
-    common = ["--network-bootstrap", bootstrap]
-    data = cluster.start("data", "data", [*common, "--data-datasets", str(train_dir),
-                                          str(eval_dir)])
-    data.wait_for(rf"announced dataset {TRAIN_DATASET}\b")
-    jobs_common = ["--jobs-batch-window", "0.05", "--pricing-price", "1",
-                   "--pricing-strategy", "flexible"]
-    (root / "ps").mkdir()
-    ps = cluster.start("worker", "ps", [*common, *jobs_common, "--executor-parameter-server",
-                                        "--jobs-work-dir", str(root / "ps"),
-                                        "--jobs-keep-work-dirs"])
-    workers = []
-    for i, name in enumerate(trainers):
-        (root / name).mkdir()
-        config = cluster.config(name, {"executor": {
-            "command": [sys.executable, "-m", "hypha.executors.train", "{JOB_JSON}"],
-            "env": ["OMP_NUM_THREADS=1", f"HYPHA_THROTTLE={options.throttle.get(i, 1.0)}"]}})
-        workers.append(cluster.start("worker", name, [
-            "--config", str(config), *common, *jobs_common, "--jobs-work-dir", str(root / name)]))
-    for node in [ps, *workers]:
-        node.wait_for(r"bootstrapped from")
+    evaluator = Evaluator(options, net.eval_dir)
+    net.start()
     say.line(f"network: gateway, data node, parameter server and {options.workers} training "
              f"workers on 127.0.0.1 (logs in {cluster.logs})")
-
-    metrics_log = root / "metrics.jsonl"
-    settings = {"model": options.model, "model_seed": options.seed, "codec": options.codec,
-                "batch_size": options.batch_size, "lr": options.lr,
-                "outer_lr": options.outer_lr, "outer_momentum": options.outer_momentum}
-    scheduler = cluster.start("scheduler", "scheduler", [
-        *common, "--job-workers", str(options.workers), "--job-parameter-server",
-        "--job-cpu", "0.1", "--job-memory", "64MiB", "--job-storage", "1MiB",
-        "--job-ps-cpu", "0.1", "--job-ps-memory", "64MiB", "--job-ps-storage", "1MiB",
-        "--job-dataset", TRAIN_DATASET, "--job-rounds", str(options.rounds),
-        "--job-sync-batches", str(options.sync_batches),
-        "--job-perf-aware" if options.perf_aware else "--no-job-perf-aware",
-        "--job-round-timeout", str(options.round_timeout),
-        "--job-metrics-log", str(metrics_log), "--job-lease-ttl", "10",
-        "--config", str(cluster.config("scheduler", {"job": {
-            "settings": [f"{k}={v}" for k, v in settings.items()]}}))])
+    scheduler = net.start_scheduler()
+    metrics_log, train_dir = net.metrics_log, net.train_dir
 
     progress = Progress(metrics_log)
     per_round = options.workers * options.sync_batches * options.batch_size * options.seq_len
     points: list[RoundPoint] = []
-    checkpoints = root / "ps"
     seen_round = 0
     t_train = time.monotonic()
     deadline = t_train + options.timeout
@@ -592,8 +653,8 @@ def _run(options: UpOptions, cluster: Cluster, root: Path, t_start: float) -> Ru
             raise RunFailed("; ".join(progress.failed))
         cluster.check_alive()
         done = scheduler.proc.poll() is not None
-        checkpoint = next(iter(sorted(checkpoints.glob("hypha-*/checkpoint.pt"))), None)
-        if checkpoint is not None:
+        checkpoint = net.checkpoint
+        if checkpoint.exists():
             try:
                 model, at = load_checkpoint(checkpoint, options)
             except (OSError, ValueError, RuntimeError):

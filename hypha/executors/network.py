@@ -113,6 +113,7 @@ from hypha.net import (
 )
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
     "FILE_PREFIX",
     "MAX_FILE_BYTES",
     "MAX_SLICE_BYTES",
@@ -120,6 +121,7 @@ __all__ = [
     "FileReceiver",
     "NetworkBackend",
     "StreamRouter",
+    "checkpoint_stream",
     "file_stream",
 ]
 
@@ -129,6 +131,9 @@ log = logging.getLogger(__name__)
 SLICE_PREFIX: Final = "slice:"
 #: Tensor streams carrying files between jobs are named ``file:<scheduler>:<name>``.
 FILE_PREFIX: Final = "file:"
+#: Tensor streams carrying a parameter server's checkpoint to its scheduler are named
+#: ``checkpoint:<job id>:<round>``.
+CHECKPOINT_PREFIX: Final = "checkpoint:"
 #: The largest slice a worker accepts.
 MAX_SLICE_BYTES: Final = 16 << 30
 #: The largest file a job accepts from a peer.
@@ -167,6 +172,12 @@ _PREFETCH_DIR: Final = "prefetch"
 def file_stream(scheduler: str, name: str) -> str:
     """The name of the tensor stream that carries file ``name`` to the jobs of ``scheduler``."""
     return f"{FILE_PREFIX}{scheduler}:{name}"
+
+
+def checkpoint_stream(job_id: str, round_: int) -> str:
+    """The name of the tensor stream that carries parameter-server job ``job_id``'s checkpoint
+    after ``round_`` rounds to its scheduler (see :mod:`hypha.scheduler.custody`)."""
+    return f"{CHECKPOINT_PREFIX}{job_id}:{round_}"
 
 
 class _TransferFailed(Exception):

@@ -32,8 +32,11 @@ is resumed instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
@@ -44,7 +47,12 @@ from typing import Any, Final
 import trio
 from libp2p.peer.id import ID
 
-from hypha.executors.network import MAX_FILE_BYTES, NetworkBackend, file_stream
+from hypha.executors.network import (
+    MAX_FILE_BYTES,
+    NetworkBackend,
+    checkpoint_stream,
+    file_stream,
+)
 from hypha.executors.process import JobStatus, _only_cancelled
 from hypha.messages import (
     PROTOCOLS,
@@ -76,6 +84,10 @@ IDLE_TIMEOUT: Final = 60.0
 EARLY_WAIT: Final = 300.0
 #: Bytes per piece of a file sent to a worker.
 SEND_PIECE: Final = 4 << 20
+#: Attempts at handing a round's checkpoint to the scheduler.
+CUSTODY_ATTEMPTS: Final = 3
+#: Seconds a resumed server waits for the scheduler's checkpoint.
+RESUME_TIMEOUT: Final = 120.0
 
 _DELTA, _UPDATE, _GLOBAL = "delta-", "update-", "global-"
 
@@ -95,6 +107,11 @@ class ParameterServerConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     round_timeout: float = 60.0
+    #: send every round's checkpoint to the scheduler before the update goes out
+    custody: bool = False
+    #: resume from the scheduler's checkpoint of this round (it sends it as a file)
+    resume_round: int | None = None
+    resume_sha256: str | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> ParameterServerConfig:
@@ -110,7 +127,9 @@ class ParameterServerConfig:
                 except ValueError:
                     raise ValueError(f"job config: {key!r} must be a number, got {value!r}") \
                         from None
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if kind is bool and value in ("true", "false"):
+                value = value == "true"
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ValueError(f"job config: {key!r} must be {kind.__name__}, got {value!r}")
             return value
 
@@ -120,7 +139,12 @@ class ParameterServerConfig:
                    fragments=get("fragments", int, cls.fragments),
                    outer_lr=get("outer_lr", float, cls.outer_lr),
                    outer_momentum=get("outer_momentum", float, cls.outer_momentum),
-                   round_timeout=get("round_timeout", float, cls.round_timeout))
+                   round_timeout=get("round_timeout", float, cls.round_timeout),
+                   custody=get("custody", bool, False),
+                   resume_round=None if config.get("resume_round") is None
+                   else get("resume_round", int, None),
+                   resume_sha256=None if config.get("resume_sha256") is None
+                   else get("resume_sha256", str, None))
         if made.rounds < 1:
             raise ValueError(f"job config: 'rounds' must be at least 1, got {made.rounds}")
         if made.fragments < 1:
@@ -128,6 +152,13 @@ class ParameterServerConfig:
         if not (math.isfinite(made.round_timeout) and made.round_timeout > 0):
             raise ValueError(f"job config: 'round_timeout' must be positive, got "
                              f"{made.round_timeout}")
+        if (made.resume_round is None) != (made.resume_sha256 is None):
+            raise ValueError("job config: 'resume_round' and 'resume_sha256' come together")
+        if made.resume_round is not None and made.resume_round < 0:
+            raise ValueError(f"job config: 'resume_round' must be >= 0, got {made.resume_round}")
+        if made.resume_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}",
+                                                               made.resume_sha256):
+            raise ValueError("job config: 'resume_sha256' must be a hex SHA-256")
         return made
 
 
@@ -188,6 +219,9 @@ class _Server:
         self.joined: set[str] = set()  #: workers that were sent the global model
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: the update of the round before the first, sent again when resumed from a checkpoint
+        self.resend: bytes | None = server.last_update if config.resume_round else None
+        self.custody_failed = 0
 
     # -- the router registration (see FileReceiver) ------------------------------------------------
     def takes(self, name: str) -> bool:
@@ -278,11 +312,21 @@ class _Server:
             self.opened = trio.Event()
             t0 = trio.current_time()
             await self._wait_for_plan(current)
+            if self.resend is not None:
+                # resumed: the last update may not have reached every trainer before the old
+                # server died; those that have it already drop it (its round is past for them)
+                await self._broadcast(f"{_UPDATE}{current.number - 1}", [self.resend],
+                                      sorted(current.workers))
+                self.resend = None
             await self._collect(current)
             async with self.feeding:
                 self.round = None  # contributions still arriving are now late
                 pieces, stats = await trio.to_thread.run_sync(current.state.close)
             await trio.to_thread.run_sync(self.server.save, self.work_dir / CHECKPOINT_NAME)
+            if self.config.custody:
+                # NOTE: before the update goes out: the scheduler's copy is then never behind an
+                # update a trainer applied, so a replacement resumes where everyone is
+                await self._custody(current.number + 1)
             waited = trio.current_time() - t0
             sent = await self._broadcast(f"{_UPDATE}{current.number}", pieces,
                                          sorted(current.workers | self.joined))
@@ -376,13 +420,40 @@ class _Server:
                 nursery.start_soon(send, worker)
         return sent
 
+    async def _custody(self, round_: int) -> None:
+        """Send the checkpoint (after ``round_`` rounds) to the scheduler, which keeps it; a
+        failure is logged and counted, and training goes on (the local copy still exists)."""
+        path = self.work_dir / CHECKPOINT_NAME
+        size, digest = await trio.to_thread.run_sync(_digest, path)
+        meta = {"job": self.job_id, "round": round_, "size": size, "sha256": digest}
+        for attempt in range(1, CUSTODY_ATTEMPTS + 1):
+            try:
+                with trio.fail_after(SEND_TIMEOUT):
+                    out = await self.net.open_tensor_stream(
+                        self.scheduler, checkpoint_stream(self.job_id, round_), meta)
+                    async with out:
+                        with open(path, "rb") as f:
+                            while piece := await trio.to_thread.run_sync(f.read, SEND_PIECE):
+                                await out.send(piece)
+                return
+            except (ConnectionError, OSError, TensorStreamError, trio.TooSlowError) as exc:
+                log.warning("job %s: the scheduler did not take the checkpoint of round %d "
+                            "(attempt %d of %d): %s", self.job_id, round_, attempt,
+                            CUSTODY_ATTEMPTS, exc or "it timed out")
+                if attempt < CUSTODY_ATTEMPTS:
+                    await trio.sleep(attempt)
+        self.custody_failed += 1
+        log.error("job %s: the checkpoint of round %d is only in %s: if this worker is lost, a "
+                  "replacement resumes from an older one", self.job_id, round_, path)
+
     async def _report(self, current: _Round, stats: Any, waited: float) -> None:
         values = {"round": float(current.number + 1), "contributors": float(stats.contributors),
                   "partial": float(stats.partial), "abstained": float(stats.abstained),
                   "late": float(current.late), "refused": float(current.refused),
                   "expected": float(len(current.workers)), "round_seconds": waited,
                   "bytes_received": float(self.bytes_received),
-                  "bytes_sent": float(self.bytes_sent)}
+                  "bytes_sent": float(self.bytes_sent),
+                  "custody_failed": float(self.custody_failed)}
         report = MetricsReport(job_id=self.job_id, step=current.number + 1, values=values,
                                time=time.time())
         try:
@@ -404,6 +475,39 @@ async def _pieces(incoming: IncomingTensorStream) -> Any:
             except StopAsyncIteration:
                 return
         yield piece
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while piece := f.read(SEND_PIECE):
+            hasher.update(piece)
+            size += len(piece)
+    return size, hasher.hexdigest()
+
+
+async def _receive_checkpoint(backend: NetworkBackend, config: ParameterServerConfig,
+                              scheduler: str, work_dir: Path) -> None:
+    """Wait for the scheduler's checkpoint (the file ``checkpoint-<resume_round>``), check its
+    SHA-256 and put it where :func:`build_server` resumes from."""
+    name = f"checkpoint-{config.resume_round}"
+    with trio.fail_after(RESUME_TIMEOUT):
+        async for file in backend.incoming():
+            if file.name != name or file.peer != scheduler:
+                log.warning("dropping %s from %s: waiting for %s from the scheduler", file.name,
+                            file.peer, name)
+                os.unlink(file.path)
+                continue
+            _, digest = await trio.to_thread.run_sync(_digest, file.path)
+            if digest != config.resume_sha256:
+                os.unlink(file.path)
+                raise ValueError(f"the scheduler's checkpoint has SHA-256 {digest[:16]}…, its "
+                                 f"record says {str(config.resume_sha256)[:16]}…")
+            os.replace(file.path, work_dir / CHECKPOINT_NAME)
+            log.info("resuming from the scheduler's checkpoint of round %d", config.resume_round)
+            return
+    raise ValueError(f"the job ended before the scheduler's checkpoint {name} came")
 
 
 class ParameterServerExecutor:
@@ -430,8 +534,14 @@ class ParameterServerExecutor:
         status("starting")
         try:
             config = ParameterServerConfig.from_config(job.get("config", {}))
+            if config.resume_round is not None:
+                await _receive_checkpoint(backend, config, str(job["scheduler"]),
+                                          Path(work_dir))
             server = await trio.to_thread.run_sync(build_server, config, Path(work_dir))
-        except (ValueError, TypeError, ImportError, OSError) as exc:
+            if config.resume_round is not None and server.round != config.resume_round:
+                raise ValueError(f"the checkpoint is of round {server.round}, the scheduler "
+                                 f"said {config.resume_round}")
+        except (ValueError, TypeError, ImportError, OSError, trio.TooSlowError) as exc:
             status("failed", f"{type(exc).__name__}: {exc}", 2)
             raise
         ps = _Server(backend.net, backend, job, config, server, Path(work_dir))

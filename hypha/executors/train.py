@@ -93,8 +93,6 @@ FINAL_MODEL: Final = "out/global.safetensors"
 #: Seconds between two metrics reports while the worker waits for the parameter server (they
 #: tell the scheduler that it is alive and fetch its latest instruction).
 POLL_INTERVAL: Final = 1.0
-#: Attempts at sending one pseudo-gradient before the round fails.
-SEND_ATTEMPTS: Final = 3
 #: Bytes per piece of a file handed to DiLoCo.
 READ_PIECE: Final = 1 << 20
 #: Exit statuses.
@@ -330,6 +328,17 @@ class _Arrived:
     size: int
 
 
+@dataclass
+class _Pending:
+    """This worker's pseudo-gradient of ``round``, kept until the round's update arrives."""
+
+    round: int
+    relative: str  #: the file, relative to the work directory
+    path: Path
+    size: int
+    sent_to: str | None = None  #: the parameter server that has it
+
+
 def _remove(path: Path) -> None:
     try:
         path.unlink()
@@ -343,9 +352,11 @@ class BridgeServerLink(ServerLink):
     """DiLoCo's link to its parameter server through the job bridge (see
     :class:`hypha.optim.ServerLink`).
 
-    * :meth:`push` writes the payload to ``out/delta-<round>.bin`` in ``work_dir``, sends it to
-      the parameter server as ``delta-<round>`` (``POST /resources/send``, tried
-      :data:`SEND_ATTEMPTS` times) and deletes it.
+    * :meth:`push` writes the payload to ``out/delta-<round>.bin`` in ``work_dir`` and sends it
+      to the parameter server as ``delta-<round>`` (``POST /resources/send``). The file is kept
+      until the round's update arrives: while :meth:`pull` waits, a send that failed is tried
+      again every ``poll_interval``, and when the scheduler names a new parameter server (the
+      old one died) the pseudo-gradient goes to the new one, so the round is not lost.
     * A thread (:meth:`start`) reads the receive stream (``POST /resources/receive``) and files
       what arrives by name. :meth:`pull` waits for ``update-<round>`` from the parameter server
       and yields it piece by piece; :meth:`pull_initial` takes the newest ``global-<round>`` from
@@ -378,6 +389,7 @@ class BridgeServerLink(ServerLink):
         self._error: BaseException | None = None
         self._stream: EventStream | None = None
         self._thread: threading.Thread | None = None
+        self._pending: _Pending | None = None
 
     # -- the receive thread ---------------------------------------------------------------------
     def start(self) -> None:
@@ -433,7 +445,7 @@ class BridgeServerLink(ServerLink):
         if not timeout > 0:
             raise ValueError(f"Invalid timeout: {timeout}")
         deadline = time.monotonic() + timeout
-        next_poll = time.monotonic() + self.poll_interval
+        next_poll = next_delivery = time.monotonic() + self.poll_interval
         while True:
             with self._changed:
                 found = self._pick(kind, round_)
@@ -452,6 +464,9 @@ class BridgeServerLink(ServerLink):
             if self.poll is not None and time.monotonic() >= next_poll:
                 self.poll()
                 next_poll = time.monotonic() + self.poll_interval
+            if time.monotonic() >= next_delivery:
+                self._deliver()
+                next_delivery = time.monotonic() + self.poll_interval
 
     def _pick(self, kind: str, round_: int | None) -> _Arrived | None:
         """Under the lock: the wanted file (``round_`` None: the newest), after deleting the
@@ -498,10 +513,11 @@ class BridgeServerLink(ServerLink):
 
     # -- ServerLink -----------------------------------------------------------------------------
     def push(self, round_: int, payload: Any) -> None:
-        server = self.parameter_server
-        if server is None:
+        if self.parameter_server is None:
             raise ConnectionError(f"round {round_}: no parameter server to send to (the config "
                                   "names none and the scheduler has not named one)")
+        if self._pending is not None:
+            _remove(self._pending.path)
         relative = f"out/delta-{round_}.bin"
         path = self.work_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -510,26 +526,39 @@ class BridgeServerLink(ServerLink):
             for piece in payload:
                 file.write(piece)
                 size += len(piece)
+        self._pending = _Pending(round_, relative, path, size)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Send the pending pseudo-gradient to the parameter server unless it has it. A send
+        that fails for the network's reasons (5xx) is tried again at the next call; a refusal
+        (4xx: the server found it malformed, or does not take it) ends the round."""
+        pending, server = self._pending, self.parameter_server
+        if pending is None or server is None or pending.sent_to == server:
+            return
         try:
-            for attempt in range(1, SEND_ATTEMPTS + 1):
-                try:
-                    self.client.send(relative, [server], strategy="all", name=f"delta-{round_}")
-                    break
-                except BridgeError as exc:
-                    if exc.status < 500 or attempt == SEND_ATTEMPTS:
-                        raise ConnectionError(f"round {round_}: sending the pseudo-gradient to "
-                                              f"the parameter server {server} failed: "
-                                              f"{exc.message}") from None
-                    log.warning("round %d: sending to the parameter server failed (attempt %d "
-                                "of %d): %s", round_, attempt, SEND_ATTEMPTS, exc.message)
-                    time.sleep(attempt)
-        finally:
-            _remove(path)
-        self.bytes_sent += size
+            self.client.send(pending.relative, [server], strategy="all",
+                             name=f"delta-{pending.round}")
+        except BridgeError as exc:
+            if exc.status < 500:
+                raise ConnectionError(f"round {pending.round}: the parameter server {server} "
+                                      f"refused the pseudo-gradient: {exc.message}") from None
+            log.warning("round %d: sending the pseudo-gradient to the parameter server %s "
+                        "failed (trying again while waiting for its update): %s", pending.round,
+                        server, exc.message)
+            return
+        if pending.sent_to is not None:
+            log.info("round %d: sent the pseudo-gradient again, to the new parameter server %s",
+                     pending.round, server)
+        pending.sent_to = server
+        self.bytes_sent += pending.size
 
     def pull(self, round_: int, timeout: float) -> Iterator[bytes]:
         arrived = self._take("update", round_, timeout,
                              f"the parameter server's update of round {round_}")
+        if self._pending is not None and self._pending.round <= round_:
+            _remove(self._pending.path)
+            self._pending = None
         return self._read(arrived)
 
     def pull_initial(self, timeout: float) -> Iterator[bytes]:

@@ -167,6 +167,9 @@ class OuterServer:
         n = min(chunk_elems, max(largest, 1))
         self._scratch = torch.empty((3, n), dtype=torch.float32, device=self.device)
         self._round = 0
+        #: the update of the last round closed (``round - 1``), as sent: a server resumed from a
+        #: checkpoint sends it again to workers that may not have received it
+        self.last_update: bytes | None = None
         self._open: ServerRound | None = None
 
     @property
@@ -234,6 +237,8 @@ class OuterServer:
             "outer_momentum": self.outer_momentum,
             "globals": [g.to("cpu", copy=True) for g in self._globals],
             "momentum": self._momentum.to("cpu", copy=True),
+            "last_update": None if self.last_update is None
+            else torch.frombuffer(bytearray(self.last_update), dtype=torch.uint8),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -278,11 +283,16 @@ class OuterServer:
         for i, (saved, g) in enumerate(zip(globals_, self._globals, strict=True)):
             _check_saved(f"global tensor {i}", saved, g)
         _check_saved("momentum", momentum, self._momentum)
+        last = state.get("last_update")
+        if last is not None and (not isinstance(last, torch.Tensor) or last.dtype != torch.uint8
+                                 or last.dim() != 1):
+            raise ValueError("the checkpoint's last_update is not a 1-D uint8 tensor")
         for saved, g in zip(globals_, self._globals, strict=True):
             g.copy_(saved)
         self._momentum.copy_(momentum)
         self._round = round_
         self.outer_lr, self.outer_momentum = float(lr), float(mu)
+        self.last_update = None if last is None else last.cpu().numpy().tobytes()
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes :meth:`state_dict` to ``path`` atomically: a temporary file in the same
@@ -438,6 +448,7 @@ class ServerRound:
         finally:
             server._open = None
         server._round += 1
+        server.last_update = b"".join(pieces)
         cs = self._contributions.values()
         stats = RoundStats(
             round=self.round,

@@ -77,11 +77,16 @@ class JobSection:
         None, "a JSON-lines file the scheduler appends every metrics report, job status change "
         "and lease event to (its directory must exist; leave unset for none)",
         example="metrics.jsonl")
+    checkpoint_dir: Path | None = setting(
+        None, "directory where the scheduler keeps the parameter server's checkpoint, sent to it "
+        "after every round before the round's update goes out; a replacement parameter server, "
+        "or this scheduler restarted, resumes the run from it (created if missing; leave unset "
+        "to keep none: a lost parameter server then starts over)", example="checkpoints")
 
     #: job config keys the scheduler sets itself in a parameter-server run
     DILOCO_KEYS: ClassVar[tuple[str, ...]] = (
         "role", "parameter_server", "rounds", "sync_batches", "round_timeout", "workers",
-        "scheduler", "dataset", "files_peer")
+        "scheduler", "dataset", "files_peer", "custody", "resume_round", "resume_sha256")
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -111,6 +116,9 @@ class JobSection:
         if self.files is not None and not self.files.is_dir():
             raise InvalidSetting("files", f"{self.files} is not a directory")
         self._validate_diloco()
+        if self.checkpoint_dir is not None and self.checkpoint_dir.exists() \
+                and not self.checkpoint_dir.is_dir():
+            raise InvalidSetting("checkpoint_dir", f"{self.checkpoint_dir} is not a directory")
         if self.metrics_log is not None:
             if self.metrics_log.is_dir():
                 raise InvalidSetting("metrics_log", f"{self.metrics_log} is a directory; give "

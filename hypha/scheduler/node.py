@@ -92,6 +92,7 @@ from hypha.messages import (
 )
 from hypha.metrics import gauge
 from hypha.net import (
+    IncomingTensorStream,
     MTLSTransport,
     Network,
     RequestRejected,
@@ -101,6 +102,7 @@ from hypha.net import (
 from hypha.rolecli import serve_node
 from hypha.scheduler.allocator import Requirements, choose
 from hypha.scheduler.config import MAX_SYNC_BATCHES, SchedulerConfig
+from hypha.scheduler.custody import CheckpointCustody
 from hypha.scheduler.sync import SyncPlanner
 
 __all__ = ["PARAMETER_SERVER", "PLAIN_JOB", "TRAIN", "DiLoCo", "EventLog", "Held",
@@ -144,6 +146,9 @@ class DiLoCo:
     sync_batches: int = 50
     perf_aware: bool = True
     round_timeout: float = 60.0
+    #: where the scheduler keeps the parameter server's checkpoint (None: it keeps none, and a
+    #: lost parameter server's replacement starts over); see :mod:`hypha.scheduler.custody`
+    checkpoint_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.parameter_server.executor.kind != "parameter-server":
@@ -275,6 +280,9 @@ class SchedulerNode:
         self.ended: dict[str, tuple[str, str]] = {}
         self._ps: Held | None = None  # the parameter server, once its job is dispatched
         self._ps_ready = trio.Event()  # set while ``_ps`` is known
+        #: the parameter server's checkpoints (a DiLoCo run with a checkpoint_dir)
+        self.custody = None if diloco is None or diloco.checkpoint_dir is None else \
+            CheckpointCustody(net, diloco.checkpoint_dir, self._runs_ps_job)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -285,6 +293,21 @@ class SchedulerNode:
         self.net.serve(PROTOCOLS["data-slice"], self._on_data_slice)
         self.net.serve(PROTOCOLS["data-slice-done"], self._on_data_slice_done)
         self.net.serve(PROTOCOLS["round-plan"], self._on_round_plan)
+        if self.custody is not None:
+            self.net.on_tensor_stream(self._on_tensor_stream)
+
+    async def _on_tensor_stream(self, incoming: IncomingTensorStream) -> None:
+        if self.custody is not None and self.custody.takes(incoming.name):
+            await self.custody.accept(incoming)
+            return
+        log.warning("refused tensor stream %r from %s: a scheduler takes only checkpoints",
+                    incoming.name, incoming.peer)
+        await incoming.refuse(f"this scheduler takes no tensor stream named {incoming.name!r}")
+
+    def _runs_ps_job(self, peer: ID, job_id: str) -> bool:
+        ps = self._ps
+        return ps is not None and ps.worker == peer and ps.job_id == job_id \
+            and ps.state not in _ENDED
 
     @property
     def parameter_server(self) -> ID | None:
@@ -441,6 +464,11 @@ class SchedulerNode:
             config.update(role=PARAMETER_SERVER, rounds=self.diloco.rounds,
                           round_timeout=self.diloco.round_timeout, workers=self.workers,
                           scheduler=me)
+            if self.custody is not None:
+                config.update(custody=True)
+                stored = self.custody.stored
+                if stored is not None:
+                    config.update(resume_round=stored.round, resume_sha256=stored.sha256)
         else:
             if held.role == TRAIN:
                 assert self.diloco is not None
@@ -474,6 +502,9 @@ class SchedulerNode:
             held.state = "dispatched"
         if held.role == PARAMETER_SERVER:
             self._set_ps(held)
+            if self.custody is not None and "resume_round" in config:
+                assert self._nursery is not None
+                self._nursery.start_soon(self.custody.push, held.worker, job.id)
         log.info("%s job %s dispatched to %s", held.role, job.id, held.worker)
 
     def _set_ps(self, held: Held) -> None:
@@ -786,7 +817,7 @@ async def run(config: SchedulerConfig, *, task_status: Any = trio.TASK_STATUS_IG
         diloco = None if not job.parameter_server else DiLoCo(
             Requirements(job.ps_requirements(), job.ps_executor(), job.bid, job.max_price),
             rounds=job.rounds, sync_batches=job.sync_batches, perf_aware=job.perf_aware,
-            round_timeout=job.round_timeout)
+            round_timeout=job.round_timeout, checkpoint_dir=job.checkpoint_dir)
         settings = settings_from_sections(config.network, config.tls, reload_on_sighup=True)
         MTLSTransport(settings.tls)
     except ValueError as exc:

@@ -68,9 +68,11 @@ def test_up_trains_over_the_network_and_leaves_nothing_behind(tmp_path: Path) ->
     assert set(result.idle_share) == {"worker-0", "worker-1"}
     assert all(0 <= share <= 1 for share in result.idle_share.values())
 
-    # the parameter server checkpointed every round, atomically (no temporary file left)
-    [checkpoint] = (directory / "ps").glob("hypha-*/checkpoint.pt")
-    assert not [p for p in checkpoint.parent.iterdir() if p.name.startswith(".checkpoint")]
+    # the scheduler holds the parameter server's last checkpoint, written atomically (no
+    # temporary file left), with its record
+    custody = directory / "checkpoints"
+    assert sorted(p.name for p in custody.iterdir()) == ["checkpoint.json", "checkpoint.pt"]
+    assert json.loads((custody / "checkpoint.json").read_text())["round"] == 3
 
     # performance-aware synchronisation: after the first round (which it needs to measure the
     # speeds) the slow worker runs fewer batches per round than the fast one

@@ -48,6 +48,7 @@ pytestmark = pytest.mark.timeout(120)
 JOB = "0123456789abcdef0123456789abcdef"
 SERVER = ID(b"\x00\x24" + bytes(range(36))).to_base58()
 STRANGER = ID(b"\x00\x24" + bytes(range(1, 37))).to_base58()
+OTHER_SERVER = ID(b"\x00\x24" + bytes(range(2, 38))).to_base58()
 SEQ_LEN = 16
 
 
@@ -220,20 +221,40 @@ def _arrive(link: BridgeServerLink, tmp_path: Path, name: str, peer: str = SERVE
     return path
 
 
-def test_push_sends_the_file_and_deletes_it(tmp_path: Path) -> None:
+def test_push_keeps_the_file_until_the_update_and_resends_it(tmp_path: Path) -> None:
     link, client = _link(tmp_path, parameter_server=SERVER)
+    link.poll_interval = 0.01
     link.push(3, [b"ab", b"cd", b"e"])
     assert client.sent == [("out/delta-3.bin", [SERVER], "delta-3", b"abcde")]
     assert link.bytes_sent == 5
+    # kept until the round's update came: the server may die before it closes the round
+    assert (tmp_path / "out" / "delta-3.bin").exists()
+    _arrive(link, tmp_path, "update-3")
+    assert b"".join(link.pull(3, timeout=5)) == b"update-3"
     assert not (tmp_path / "out" / "delta-3.bin").exists()
-    # a failure of the bridge (5xx) is tried again; a refusal is not
+
+    # a failure of the bridge (5xx) is tried again while the update is awaited
     client.failures = [BridgeError(502, "peer unreachable", {})]
     link.push(4, [b"x"])
+    assert [s[2] for s in client.sent] == ["delta-3"]
+    with pytest.raises(TimeoutError):
+        list(link.pull(4, timeout=0.1))
     assert [s[2] for s in client.sent] == ["delta-3", "delta-4"]
+    assert link.bytes_sent == 6
+
+    # the scheduler names a new parameter server: the pseudo-gradient goes to it too, once
+    link.parameter_server = OTHER_SERVER
+    with pytest.raises(TimeoutError):
+        list(link.pull(4, timeout=0.1))
+    assert client.sent[-1] == ("out/delta-4.bin", [OTHER_SERVER], "delta-4", b"x")
+    assert len(client.sent) == 3
+    _arrive(link, tmp_path, "update-4", OTHER_SERVER)
+    assert b"".join(link.pull(4, timeout=5)) == b"update-4"
+
+    # a refusal (4xx) ends the round
     client.failures = [BridgeError(400, "bad name", {})]
-    with pytest.raises(ConnectionError, match=r"sending the pseudo-gradient .* failed: bad name"):
+    with pytest.raises(ConnectionError, match=r"refused the pseudo-gradient: bad name"):
         link.push(5, [b"x"])
-    assert not (tmp_path / "out" / "delta-5.bin").exists()
     link.parameter_server = None
     with pytest.raises(ConnectionError, match="no parameter server to send to"):
         link.push(6, [b"x"])

@@ -511,13 +511,17 @@ def test_exports() -> None:
 def test_checkpoint_round_trip(tmp_path: Any, gen: torch.Generator) -> None:
     params = make_params(gen)
     server = make_server(params, codec="int4", fragments=2, outer_lr=0.5)
+    assert server.last_update is None
     for _ in range(3):
-        run_round(server, [("w", contribution(server, segment_deltas(server, gen)))])
+        last, _ = run_round(server, [("w", contribution(server, segment_deltas(server, gen)))])
+    # the last round's update is kept, as sent, so a resumed server can send it again
+    assert server.last_update == b"".join(last)
     path = tmp_path / "ps.pt"
     server.save(path)
     like = [torch.zeros(s) for s in SHAPES]  # only the shapes count
     restored = OuterServer.load(path, like, codec="int4", fragments=2, chunk_elems=CHUNK_ELEMS)
     assert (restored.round, restored.fragment, restored.outer_lr) == (3, 1, 0.5)
+    assert restored.last_update == server.last_update
     assert_same_state(snapshot(server), snapshot(restored))
     assert restored.initial_payload() == server.initial_payload()
     # and the next round is the same on both
