@@ -12,7 +12,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,7 +21,10 @@ from prometheus_client.registry import Collector
 
 from hypha._asgi import answer_lifespan, serve_asgi
 
-__all__ = ["Collect", "counter", "gauge", "serve_metrics"]
+if TYPE_CHECKING:
+    from hypha.net import Network
+
+__all__ = ["Collect", "counter", "gauge", "network_metrics", "serve_metrics"]
 
 log = logging.getLogger("hypha.metrics")
 
@@ -42,6 +45,19 @@ def gauge(name: str, doc: str, value: float | None = None, *,
 
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
+
+
+def network_metrics(net: Network) -> list[Metric]:
+    """``hypha_net_refused_total{reason}``: what the network layer refused, by reason
+    (``Network.refusals``). A reason appears once it has happened. The roles already export
+    ``hypha_peers_connected`` themselves, so it is not repeated here.
+    """
+    refused = CounterMetricFamily("hypha_net_refused", "inbound requests and streams the "
+                                  "network layer refused or failed, by reason",
+                                  labels=["reason"])
+    for reason, count in sorted(net.refusals.items()):
+        refused.add_metric([reason], count)
+    return [refused]
 
 
 class _Callback(Collector):

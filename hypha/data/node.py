@@ -48,7 +48,7 @@ from hypha.messages import (
     decode,
     encode,
 )
-from hypha.metrics import counter, gauge
+from hypha.metrics import counter, gauge, network_metrics
 from hypha.net import (
     DialError,
     MTLSTransport,
@@ -236,6 +236,7 @@ class DataNode:
             counter("hypha_data_bytes_sent", "slice bytes streamed to workers", self.bytes_sent),
             counter("hypha_data_transfers_failed", "slice transfers that failed",
                     self.transfers_failed),
+            *network_metrics(self.net),
         ]
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

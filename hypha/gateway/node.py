@@ -16,7 +16,7 @@ from prometheus_client.core import Metric
 
 from hypha.gateway.config import GatewayConfig
 from hypha.messages import WORKER_TOPIC
-from hypha.metrics import gauge, serve_metrics
+from hypha.metrics import gauge, network_metrics, serve_metrics
 from hypha.net import (
     MTLSTransport,
     Network,
@@ -84,5 +84,5 @@ def _collect(net: Network) -> list[Metric]:
     return [gauge("hypha_peers_connected", "peers with an open connection",
                   len(net.connected_peers())),
             gauge("hypha_relay_reservations", "peers reachable through this relay",
-                  len(net.relay_reservations()))]
+                  len(net.relay_reservations())), *network_metrics(net)]
 

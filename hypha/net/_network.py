@@ -21,6 +21,7 @@ import logging
 import math
 import signal
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from . import _rpc
+from ._admission import Admission, Limits, Refusals
 from ._host import build_host, muxer_class
 from ._relay import Relay, is_circuit
 from ._tensor_stream import PROTOCOL_ID as TENSOR_PROTOCOL_ID
@@ -76,6 +78,10 @@ MAX_PUBSUB_MESSAGE = 1 << 20
 ADDR_TTL = 600
 #: Seconds between attempts to reach a bootstrap peer that is not up yet (doubling, capped).
 BOOTSTRAP_RETRY = (0.5, 30.0)
+#: Seconds a refused tensor stream stays open after its refusal, for a sender that fits in the
+#: muxer's initial window to reach ``close()`` and read why; then it is reset, which also frees a
+#: sender blocked on a window that will not open (it fails with a broken stream).
+REFUSED_STREAM_GRACE = 2.0
 
 TensorStreamHandler = Callable[[IncomingTensorStream], Awaitable[None]]
 
@@ -120,6 +126,31 @@ class NetworkSettings:
     #: Gossipsub topics to join only to forward them (the gateway: peers that know nobody but
     #: the gateway reach each other's topics through it; Gossipsub relays only joined topics)
     relay_topics: Sequence[str] = ()
+    # Admission control of inbound streams, per peer (its certified peer ID); over a limit a
+    # request is answered at once with an error naming the limit, and its handler never runs.
+    # NOTE: the busiest legitimate caller, a worker running a few jobs, sends a handful of RPCs
+    # per training step to its scheduler (slices, slice done, metrics, job status) and a
+    # scheduler renews each lease every few seconds: tens of requests/s at most. 200/s leaves a
+    # 10x margin, and is a small share of a node: with no limits, one flooder on 127.0.0.1 was
+    # served ~1700 trivial RPCs/s, the server's whole core (2-core box). The burst of 400 (2 s
+    # at the sustained rate) absorbs a reconnect, when a worker's jobs all report at once.
+    # Measured with these defaults (tests/integration/test_flood.py): a flooder attempting
+    # 10-22k requests/s gets ~100/s served, the rest refused; a peer sending one request every
+    # 50 ms meanwhile sees a median of 6-19 ms and a p95 of 17-140 ms.
+    #: sustained RPC requests per second accepted from one peer
+    request_rate: float = 200.0
+    #: requests one peer may send at once above the sustained rate (the token bucket's size)
+    request_burst: int = 400
+    #: RPC handlers in progress for one peer (no role runs more than a few calls to one peer
+    #: at once; 32 also bounds what one peer pins: 32 x its protocols' max_request bytes)
+    max_requests_per_peer: int = 32
+    #: RPC handlers in progress for all peers together (bounds the memory requests in progress
+    #: pin: 1024 x the 64 KiB most messages are limited to = 64 MiB; a scheduler with hundreds
+    #: of workers, each with a call or two in progress, stays well below it)
+    max_requests: int = 1024
+    #: incoming tensor streams open at once from one peer (a worker gets at most a few per job:
+    #: parameters, prefetched slices; each can pin the muxer's 16 MiB window, so 16 x 16 MiB)
+    max_tensor_streams_per_peer: int = 16
 
     def __post_init__(self) -> None:
         for name in ("listen", "external", "bootstrap"):
@@ -141,6 +172,13 @@ class NetworkSettings:
         if not (self.gossip_heartbeat > 0 and math.isfinite(self.gossip_heartbeat)):
             raise ValueError(f"gossip_heartbeat must be a positive number of seconds, not "
                              f"{self.gossip_heartbeat!r}")
+        self.admission_limits()  # raises ValueError for bad admission settings
+
+    def admission_limits(self) -> Limits:
+        """The admission limits these settings describe (ValueError if they are invalid)."""
+        return Limits(rate=self.request_rate, burst=self.request_burst,
+                      per_peer=self.max_requests_per_peer, total=self.max_requests,
+                      tensor_streams=self.max_tensor_streams_per_peer)
 
 
 def settings_from_sections(network: Any, tls: Any, **kwargs: Any) -> NetworkSettings:
@@ -248,6 +286,11 @@ class Network:
                             client=settings.relay_client, limits=dict(settings.relay_limits))
         self._nursery: trio.Nursery | None = None
         self._stop = trio.CancelScope()
+        self._admission = Admission(settings.admission_limits())
+        self._refusals = Refusals(logging.getLogger("hypha.net.refused"))
+        #: inbound requests and streams this node refused or failed, by reason (see serve and
+        #: on_tensor_stream); hypha.metrics.network_metrics exports them
+        self.refusals: Counter[str] = self._refusals.counts
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _drive(self, *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -432,10 +475,28 @@ class Network:
 
     # -- request/response ----------------------------------------------------------------------
     def serve(self, protocol: _rpc.Protocol, handler: _rpc.Handler) -> None:
-        """Answer ``protocol`` requests with ``handler(peer, request) -> response``."""
+        """Answer ``protocol`` requests with ``handler(peer, request) -> response``.
+
+        A request is admitted before any of it is read: over the peer's rate (``request_rate``,
+        ``request_burst``), its handlers in progress (``max_requests_per_peer``) or the node's
+        (``max_requests``) it is answered with an error naming the limit, and the connection
+        stays. Each refusal is counted in ``refusals`` and logged (rate-limited per peer).
+        """
+
+        admission, refusals = self._admission, self._refusals
 
         async def on_stream(stream: INetStream) -> None:
-            await _rpc.serve(stream, protocol, handler, stream.muxed_conn.peer_id)
+            peer = stream.muxed_conn.peer_id
+            refusal = admission.admit_request(peer)
+            if refusal is not None:
+                refusals.record(refusal.reason, peer, f"{protocol.id} from {peer}: refused "
+                                f"unread: {refusal.message}")
+                await _rpc.refuse(stream, refusal.message)
+                return
+            try:
+                await _rpc.serve(stream, protocol, handler, peer, refusals)
+            finally:
+                admission.release_request(peer)
 
         self._host.set_stream_handler(protocol.id, _guarded(on_stream))
 
@@ -502,7 +563,8 @@ class Network:
     def on_tensor_stream(self, handler: TensorStreamHandler) -> None:
         """``handler(incoming)`` consumes each incoming tensor stream (``async for chunk in ...``).
 
-        A stream the handler leaves unread is reset; the sender's ``close`` then fails.
+        A stream the handler leaves unread is reset; the sender's ``close`` then fails. A peer
+        with ``max_tensor_streams_per_peer`` streams open has more refused before they are read.
         """
         self._tensor_handler = handler
 
@@ -520,24 +582,45 @@ class Network:
     async def _on_tensor_stream(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
         incoming = IncomingTensorStream(stream, peer)
+        refusal = self._admission.admit_tensor_stream(peer)
+        if refusal is not None:
+            self._refusals.record(refusal.reason, peer, f"tensor stream from {peer}: refused "
+                                  f"unread: {refusal.message}")
+            await incoming.refuse(refusal.message)
+            await trio.sleep(REFUSED_STREAM_GRACE)
+            await reset_quietly(stream)
+            return
         try:
-            try:
-                await incoming.read_header()
-            except (TensorStreamError, trio.TooSlowError, ConnectionError) as exc:
-                logger.warning("dropped a tensor stream from %s: %s", peer, exc)
-                return
-            if self._tensor_handler is None:
-                await incoming.refuse("this node accepts no tensor streams")
-                return
-            try:
-                await self._tensor_handler(incoming)
-            except TensorStreamError as exc:
-                logger.warning("%s", exc)
-            except Exception:
-                logger.exception("the tensor-stream handler failed on %r from %s", incoming.name,
-                                 peer)
+            await self._receive_tensor_stream(incoming)
         finally:
+            self._admission.release_tensor_stream(peer)
             await incoming.aclose()
+
+    async def _receive_tensor_stream(self, incoming: IncomingTensorStream) -> None:
+        peer = incoming.peer
+        try:
+            await incoming.read_header()
+        except trio.TooSlowError:
+            self._refusals.record("tensor-stream-slow", peer, f"tensor stream from {peer}: no "
+                                  "header in time; dropped")
+            return
+        except (TensorStreamError, ConnectionError) as exc:
+            self._refusals.record("tensor-stream-malformed", peer, f"tensor stream from {peer}: "
+                                  f"bad header; dropped: {exc}")
+            return
+        if self._tensor_handler is None:
+            self._refusals.record("tensor-stream-unwanted", peer, f"tensor stream "
+                                  f"{incoming.name!r} from {peer}: this node accepts none")
+            await incoming.refuse("this node accepts no tensor streams")
+            return
+        try:
+            await self._tensor_handler(incoming)
+        except TensorStreamError as exc:
+            self._refusals.record("tensor-stream-failed", peer, f"{exc}")
+        except Exception:
+            self._refusals.record("tensor-handler-failed", peer, f"the tensor-stream handler "
+                                  f"failed on {incoming.name!r} from {peer}", level=logging.ERROR,
+                                  exc_info=True)
 
     # -- DHT ---------------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> None:

@@ -8,7 +8,10 @@ Wire format (all integers big-endian)::
 
 A request over the limit is refused from its length prefix alone, before any of its body is read,
 with an error response that names the limit; a malformed or slow request loses only its stream:
-the connection, the peer's other streams and the node carry on. Timeouts belong to the caller
+the connection, the peer's other streams and the node carry on. A request that admission control
+turns away (``Network.serve``: the peer's rate, its or the node's handlers in progress) is
+answered by :func:`refuse` before any of it is read, and :func:`call` reads such an early answer
+even while it is still writing a large request. Timeouts belong to the caller
 (``with trio.fail_after(5): await network.request(...)``), except the server's bound on how long
 a peer may take to deliver its request, which keeps a slow peer from holding a handler open.
 """
@@ -26,6 +29,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from ._admission import Refusals
 from ._wire import FrameReader, StreamClosedError, close_quietly, reset_quietly, u32, write_all
 
 __all__ = [
@@ -45,6 +49,11 @@ REQUEST_READ_TIMEOUT = 30.0
 MAX_ERROR_BYTES = 1024
 #: Default size limits of a protocol: 1 MiB each way.
 DEFAULT_LIMIT = 1 << 20
+#: Requests up to this many bytes (length prefix included) are written before the response is
+#: awaited; larger ones are written while it is awaited (see ``_send_and_read_head``).
+#: NOTE: 64 KiB, well inside yamux's 256 KiB initial window, which a request that is never read
+#: can fill without blocking its writer.
+EARLY_ANSWER_BELOW = 64 << 10
 
 _OK = 0
 _ERROR = 1
@@ -103,9 +112,8 @@ async def call(stream: INetStream, protocol: Protocol, payload: bytes) -> bytes:
         raise ValueError(f"request of {len(payload)} bytes exceeds the {protocol.max_request}-"
                          f"byte limit of {protocol.id}")
     try:
-        await write_all(stream, u32(len(payload)) + payload)
         reader = FrameReader(stream)
-        status, length = _HEAD.unpack(await reader.read_exactly(_HEAD.size, what="response"))
+        status, length = await _send_and_read_head(stream, reader, u32(len(payload)) + payload)
         if status == _OK:
             if length > protocol.max_response:
                 raise ResponseTooLarge(f"{protocol.id}: response of {length} bytes exceeds the "
@@ -125,50 +133,113 @@ async def call(stream: INetStream, protocol: Protocol, payload: bytes) -> bytes:
         await close_quietly(stream)
 
 
-async def serve(stream: INetStream, protocol: Protocol, handler: Handler, peer: ID) -> None:
-    """Answer one request on an inbound stream. Never raises for a peer's misbehaviour."""
+async def _send_and_read_head(stream: INetStream, reader: FrameReader, request: bytes
+                              ) -> tuple[int, int]:
+    """Write the request and read the response's header.
+
+    A request that fits in the muxer's initial window is written in one go. A larger one is
+    written while the header is awaited: a server that refuses it up front (admission control,
+    a length over its limit) answers without reading it, and a writer waiting for window that
+    will never come would otherwise hang until the caller's timeout.
+    """
+    if len(request) <= EARLY_ANSWER_BELOW:
+        await write_all(stream, request)
+        return _HEAD.unpack(await reader.read_exactly(_HEAD.size, what="response"))
+    head: tuple[int, int] | None = None
+    failure: StreamClosedError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            nonlocal failure
+            try:
+                await write_all(stream, request)
+            except StreamClosedError as exc:
+                # NOTE: the server may have answered and reset; its answer decides, so wait for
+                # it (a broken stream ends the read at once).
+                failure = exc
+
+        async def receive() -> None:
+            nonlocal head, failure
+            try:
+                head = _HEAD.unpack(await reader.read_exactly(_HEAD.size, what="response"))
+            except StreamClosedError as exc:
+                failure = failure or exc
+            nursery.cancel_scope.cancel()  # an answer (or none coming) ends the writing
+
+        nursery.start_soon(send)
+        nursery.start_soon(receive)
+    if head is None:
+        assert failure is not None
+        raise failure
+    return head
+
+
+async def serve(stream: INetStream, protocol: Protocol, handler: Handler, peer: ID,
+                refusals: Refusals) -> None:
+    """Answer one request on an inbound stream. Never raises for a peer's misbehaviour.
+
+    Every request that is not answered with the handler's response is recorded in ``refusals``
+    under one reason: ``request-too-large``, ``slow-request``, ``malformed-request``,
+    ``handler-rejected`` (RequestRejected) or ``handler-failed`` (an exception, or a bad result).
+    """
     reader = FrameReader(stream)
+    what = f"{protocol.id} from {peer}"
     try:
         with trio.fail_after(REQUEST_READ_TIMEOUT):
             length = await reader.read_u32(what="request length")
             if length > protocol.max_request:
-                logger.warning("%s from %s: refused a %d-byte request (limit %d)",
-                               protocol.id, peer, length, protocol.max_request)
+                refusals.record("request-too-large", peer, f"{what}: refused a {length}-byte "
+                                f"request (limit {protocol.max_request})")
                 await _answer(stream, _ERROR, f"request of {length} bytes exceeds the "
                               f"{protocol.max_request}-byte limit of {protocol.id}".encode())
                 return
             request = await reader.read_exactly(length, what="request")
     except trio.TooSlowError:
-        logger.warning("%s from %s: request not delivered within %g s; stream reset",
-                       protocol.id, peer, REQUEST_READ_TIMEOUT)
+        refusals.record("slow-request", peer, f"{what}: request not delivered within "
+                        f"{REQUEST_READ_TIMEOUT:g} s; stream reset")
         await reset_quietly(stream)
         return
     except StreamClosedError as exc:
-        logger.warning("%s from %s: malformed request (%s); stream dropped", protocol.id, peer,
-                       exc)
+        refusals.record("malformed-request", peer, f"{what}: malformed request ({exc}); "
+                        "stream dropped")
         await reset_quietly(stream)
         return
     try:
         response = await handler(peer, request)
     except RequestRejected as exc:
-        await _answer(stream, _ERROR, str(exc).encode()[:MAX_ERROR_BYTES])
+        message = str(exc)
+        refusals.record("handler-rejected", peer, f"{what}: the handler rejected the request: "
+                        f"{message}", level=logging.INFO)
+        await _answer(stream, _ERROR, message.encode()[:MAX_ERROR_BYTES])
         return
     except Exception:
-        logger.exception("%s: the handler failed on a request from %s", protocol.id, peer)
+        refusals.record("handler-failed", peer, f"{what}: the handler failed",
+                        level=logging.ERROR, exc_info=True)
         await _answer(stream, _ERROR, b"internal error in the handler")
         return
     if not isinstance(response, bytes | bytearray | memoryview):
-        logger.error("%s: the handler returned %s, not bytes", protocol.id,
-                     type(response).__name__)
+        refusals.record("handler-failed", peer, f"{what}: the handler returned "
+                        f"{type(response).__name__}, not bytes", level=logging.ERROR)
         await _answer(stream, _ERROR, b"internal error in the handler")
         return
     if len(response) > protocol.max_response:
-        logger.error("%s: the handler's %d-byte response exceeds the %d-byte limit", protocol.id,
-                     len(response), protocol.max_response)
+        refusals.record("handler-failed", peer, f"{what}: the handler's {len(response)}-byte "
+                        f"response exceeds the {protocol.max_response}-byte limit",
+                        level=logging.ERROR)
         await _answer(stream, _ERROR, f"response of {len(response)} bytes exceeds the "
                       f"{protocol.max_response}-byte limit".encode())
         return
     await _answer(stream, _OK, bytes(response))
+
+
+async def refuse(stream: INetStream, message: str) -> None:
+    """Answer a request with an error before reading any of it (admission control).
+
+    NOTE: the request stays unread; our muxer buffers at most its initial 256 KiB window of it
+    until the caller closes its side, and :func:`call` reads such an early answer while it is
+    still writing, so a refused caller learns why at once, whatever the size of its request.
+    """
+    await _answer(stream, _ERROR, message.encode()[:MAX_ERROR_BYTES])
 
 
 async def _answer(stream: INetStream, status: int, body: bytes) -> None:

@@ -50,7 +50,7 @@ from hypha.messages import (
     decode,
     encode,
 )
-from hypha.metrics import counter, gauge
+from hypha.metrics import counter, gauge, network_metrics
 from hypha.net import (
     MTLSTransport,
     Network,
@@ -118,6 +118,7 @@ class WorkerNode:
                   labels={("cpu",): free.cpu, ("memory",): free.memory,
                           ("storage",): free.storage, ("gpu",): free.gpu},
                   label_names=("resource",)),
+            *network_metrics(self.net),
         ]
 
     # -- advertisements --------------------------------------------------------------------------
