@@ -267,14 +267,22 @@ def parse_header(
             raise CodecError(f"tensor table ends inside the shape of tensor {i}")
         shape = struct.unpack_from(f"<{ndim}Q", raw, pos)
         pos += 8 * ndim
-        numel = 1
+        numel = span = 1
         for d in shape:
             numel = min(numel * d, limits.max_total_elems + 1)  # stays small whatever d is
+            span = min(span * max(d, 1), limits.max_total_elems + 1)  # the same, 0s skipped
         total += numel
         if total > limits.max_total_elems:
             raise CodecError(
                 f"tensor {i}: payload declares more than {limits.max_total_elems} elements "
                 "(limit); raise DecodeLimits.max_total_elems to accept larger models"
+            )
+        if span > limits.max_total_elems:
+            # NOTE: found by bench/fuzz.py: (4, 2**63, 0) is empty, but torch cannot hold the
+            # shape (its dimensions overflow int64)
+            raise CodecError(
+                f"tensor {i}: shape {tuple(shape)} is empty but its other dimensions hold more "
+                f"than {limits.max_total_elems} elements (limit)"
             )
         tensors.append(TensorInfo(DTYPES[dtype_code], tuple(shape)))
     if pos != end:
