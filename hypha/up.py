@@ -240,8 +240,9 @@ class Cluster:
         from hypha.certutil import load_certificates
         from hypha.net import peer_id_from_certificate
 
-        return {str(peer_id_from_certificate(load_certificates(self.pki / f"{n.name}.pem")[0])):
-                n.name for n in self.nodes}
+        return {str(peer_id_from_certificate(load_certificates(pem)[0])): pem.stem
+                for pem in self.pki.glob("*.pem")
+                if pem.stem not in ("root", "org") and not pem.name.endswith(".crl.pem")}
 
     def check_alive(self) -> None:
         for node in self.nodes:
@@ -318,7 +319,8 @@ class LocalNetwork:
     scheduler keeps the parameter server's checkpoint in :attr:`checkpoint_dir`."""
 
     def __init__(self, options: UpOptions, cluster: Cluster, *, spare_ps: int = 0,
-                 lease_ttl: float = 10.0, extra_trainers: int = 0) -> None:
+                 lease_ttl: float = 10.0, extra_trainers: int = 0,
+                 initial_trainers: int | None = None) -> None:
         self.options = options
         self.cluster = cluster
         self.root = cluster.root
@@ -332,6 +334,8 @@ class LocalNetwork:
         self.eval_dir = self.root / "datasets" / EVAL_DATASET
         self.nodes: dict[str, Node] = {}
         self.bootstrap = ""
+        #: training workers :meth:`start` starts (the others: :meth:`add_trainer`)
+        self.initial_trainers = options.workers if initial_trainers is None else initial_trainers
 
     @property
     def checkpoint(self) -> Path:
@@ -350,7 +354,7 @@ class LocalNetwork:
         data.wait_for(rf"announced dataset {TRAIN_DATASET}\b")
         started = [self.start_ps(name) for name in self.ps_names]
         started += [self.add_trainer(name, wait=False)
-                    for name in self.trainers[:self.options.workers]]
+                    for name in self.trainers[:self.initial_trainers]]
         for node in started:
             node.wait_for(r"bootstrapped from")
 

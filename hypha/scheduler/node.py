@@ -75,6 +75,7 @@ from hypha.messages import (
     JobAccepted,
     JobSpec,
     JobStatus,
+    JobStopped,
     LeaseRenewed,
     MessageError,
     MetricsReceived,
@@ -84,13 +85,14 @@ from hypha.messages import (
     RoundPlan,
     RoundPlanRequest,
     StatusReceived,
+    StopJob,
     WorkerOffer,
     WorkerRequest,
     decode,
     encode,
     new_id,
 )
-from hypha.metrics import gauge
+from hypha.metrics import gauge, network_metrics
 from hypha.net import (
     IncomingTensorStream,
     MTLSTransport,
@@ -112,6 +114,9 @@ log = logging.getLogger("hypha.scheduler")
 
 #: Seconds an RPC to a worker may take.
 RPC_TIMEOUT = 10.0
+#: Seconds the trainers of a DiLoCo run get to finish after the parameter server's last round
+#: before the scheduler stops them.
+WIND_DOWN = 30.0
 #: Renew a lease when this fraction of its life has passed.
 RENEW_AT = 0.75
 #: Seconds between advertisements while too few workers answer (doubling, capped).
@@ -278,6 +283,9 @@ class SchedulerNode:
         self.events = EventLog(metrics_log)
         #: job id → (role, final state) of every job that ended
         self.ended: dict[str, tuple[str, str]] = {}
+        #: the parameter server has run every round (a DiLoCo run)
+        self.training_over = False
+        self._wound_down: set[str] = set()  # training jobs stopped because the run was over
         self._ps: Held | None = None  # the parameter server, once its job is dispatched
         self._ps_ready = trio.Event()  # set while ``_ps`` is known
         #: the parameter server's checkpoints (a DiLoCo run with a checkpoint_dir)
@@ -353,6 +361,8 @@ class SchedulerNode:
         with backoff."""
         delay, cap = RETRY
         while wanted > 0:
+            if role == TRAIN and self.training_over:
+                return  # the parameter server has run every round: nobody to train for
             got = await self.allocate(wanted, role)
             wanted -= len(got)
             for held in got:
@@ -432,6 +442,10 @@ class SchedulerNode:
     # -- leases and jobs -----------------------------------------------------------------------------
     async def _keep(self, held: Held) -> None:
         """Dispatch the job under ``held``, then renew its lease until the job ends."""
+        if held.role == TRAIN and self.training_over:
+            log.info("not dispatching to %s: the run's rounds are over", held.worker)
+            self.held.pop(held.offer.lease_id, None)  # its lease runs out unrenewed
+            return
         if self.dispatch_jobs:
             try:
                 await self._dispatch(held)
@@ -564,6 +578,7 @@ class SchedulerNode:
             gauge("hypha_scheduler_sync_batches", "batches each training worker was told to run "
                   "in its current outer round", labels=self._sync_targets(),
                   label_names=("worker", "round")),
+            *network_metrics(self.net),
         ]
 
     def _sync_targets(self) -> dict[tuple[str, ...], float]:
@@ -617,7 +632,12 @@ class SchedulerNode:
             if status.job_id not in self.ended:
                 self.ended[status.job_id] = (held.role, status.state)
                 self._leave_planner(held)
-            self.failed |= status.state != "finished"
+            self.failed |= status.state != "finished" and status.job_id not in self._wound_down
+            if held.role == PARAMETER_SERVER and status.state == "finished" \
+                    and not self.training_over:
+                self.training_over = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._wind_down)
             if self.failed or self._all_finished():
                 self.finished.set()
         return encode(StatusReceived(job_id=status.job_id))
@@ -630,7 +650,34 @@ class SchedulerNode:
         finished = Counter(role for role, state in self.ended.values() if state == "finished")
         if self.diloco is None:
             return finished[PLAIN_JOB] >= self.workers
-        return finished[TRAIN] >= self.workers and finished[PARAMETER_SERVER] >= 1
+        # NOTE: once the parameter server has run every round, the run is over when no training
+        # job still runs (each stops after the last update; a late joiner is stopped)
+        return self.training_over and not self._running_trainers()
+
+    def _running_trainers(self) -> list[Held]:
+        return [h for h in self.held.values()
+                if h.role == TRAIN and h.job_id is not None and h.job_id not in self.ended]
+
+    async def _wind_down(self) -> None:
+        """The parameter server finished: give the trainers WIND_DOWN seconds to apply the last
+        update and exit, then stop those still running (a trainer that joined too late for any
+        round waits for a model that will not come); their stop is not a failure."""
+        await trio.sleep(WIND_DOWN)
+        for held in self._running_trainers():
+            assert held.job_id is not None
+            self._wound_down.add(held.job_id)
+            log.info("stopping train job %s on %s: the run is over", held.job_id, held.worker)
+            try:
+                with trio.fail_after(RPC_TIMEOUT):
+                    reply = await self.net.request(held.worker, PROTOCOLS["stop-job"], encode(
+                        StopJob(job_id=held.job_id, reason="the run is over: the parameter "
+                                "server has run every round")))
+                decode(JobStopped, reply)
+            except Exception as exc:  # gone already: its lease runs out
+                log.warning("could not stop job %s on %s: %s", held.job_id, held.worker, exc)
+                self.ended.setdefault(held.job_id, (TRAIN, "stopped"))
+        if self._all_finished():
+            self.finished.set()
 
     async def _on_metrics(self, peer: ID, data: bytes) -> bytes:
         report = _decode(MetricsReport, data)
