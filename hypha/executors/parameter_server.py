@@ -268,6 +268,7 @@ class _Server:
             return
         from hypha.optim import ExchangeError
 
+        incoming.hold_ack = True  # the verdict comes after the end: is the payload complete?
         try:
             async with aclosing(_pieces(incoming)) as pieces:
                 async for piece in pieces:
@@ -288,6 +289,7 @@ class _Server:
             log.warning("job %s: the contribution of %s to round %d broke off: %s", self.job_id,
                         peer, number, exc or "it stalled")
             return
+        await incoming.accept()
         if self.round is current and contribution.complete:
             current.complete.add(peer)
             if current.started is None:

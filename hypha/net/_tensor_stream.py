@@ -136,6 +136,11 @@ class IncomingTensorStream:
     The iteration ends after the end-of-stream checksum has been verified and acknowledged; a
     malformed or corrupt stream raises :class:`TensorStreamError` (and the sender's ``close``
     fails with the reason). Leaving the loop early resets the stream.
+
+    A receiver that judges the content only once it has all of it (a parameter server checking
+    that a payload is complete) sets ``hold_ack = True`` before reading: the end is then not
+    acknowledged until it calls :meth:`accept` or :meth:`refuse` (:meth:`aclose` accepts a
+    stream read to its end that neither judged).
     """
 
     def __init__(self, stream: INetStream, peer: ID, *, max_chunk: int = MAX_CHUNK,
@@ -150,6 +155,8 @@ class IncomingTensorStream:
         self.bytes_received = 0
         self._crc = 0
         self._finished = False
+        self.hold_ack = False
+        self._held = False  # read to its verified end, not acknowledged yet
 
     async def read_header(self) -> None:
         with trio.fail_after(HEADER_TIMEOUT):
@@ -182,7 +189,10 @@ class IncomingTensorStream:
                     await self._fail(f"checksum mismatch: the sender's CRC-32 is "
                                      f"{expected:08x}, the bytes received give {self._crc:08x}")
                 self._finished = True
-                await self._ack(_OK, "")
+                if self.hold_ack:
+                    self._held = True
+                else:
+                    await self._ack(_OK, "")
                 raise StopAsyncIteration
             if length > self.max_chunk:
                 await self._fail(f"chunk of {length} bytes exceeds the {self.max_chunk}-byte "
@@ -210,6 +220,8 @@ class IncomingTensorStream:
 
     async def aclose(self) -> None:
         """Reset the stream unless it was read to its verified end (the sender's close fails)."""
+        if self._held:
+            await self.accept()
         if not self._finished:
             self._finished = True
             await reset_quietly(self._stream)
@@ -217,7 +229,15 @@ class IncomingTensorStream:
     async def refuse(self, reason: str) -> None:
         """Tell the sender the stream is not wanted (its ``close`` raises with the reason)."""
         self._finished = True
+        self._held = False
         await self._ack(_FAILED, reason)
+
+    async def accept(self) -> None:
+        """Acknowledge a stream read to its end with ``hold_ack`` set (the sender's ``close``
+        returns); nothing otherwise."""
+        if self._held:
+            self._held = False
+            await self._ack(_OK, "")
 
     async def _fail(self, reason: str) -> NoReturn:
         logger.warning("tensor stream %r from %s rejected: %s", self.name, self.peer, reason)

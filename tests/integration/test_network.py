@@ -286,3 +286,37 @@ async def test_a_slow_consumer_holds_the_sender_back(pki: PKI) -> None:
         # the 16 MiB muxer window plus socket and TLS buffers, far from all 128 MiB
         assert held_back <= 48 << 20, held_back
         assert sum(received) == total << 20
+
+
+async def test_a_held_acknowledgement_carries_the_receivers_verdict(pki: PKI) -> None:
+    """With ``hold_ack`` the receiver judges a stream after reading all of it: its refusal (or
+    acceptance) is what the sender's close reports."""
+    async with AsyncExitStack() as stack:
+        a = await _start(stack, pki, "a")
+        b = await _start(stack, pki, "b")
+        received: list[bytes] = []
+
+        async def judge(incoming) -> None:  # type: ignore[no-untyped-def]
+            incoming.hold_ack = True
+            data = b"".join([chunk async for chunk in incoming])
+            received.append(data)
+            if data.endswith(b"!"):
+                await incoming.accept()
+            elif data.endswith(b"?"):
+                pass  # undecided: closing the stream accepts it
+            else:
+                await incoming.refuse("incomplete: no '!' at the end")
+
+        b.on_tensor_stream(judge)
+        with trio.fail_after(30):
+            await a.dial(b.addrs[0])
+            for body, fails in ((b"done!", False), (b"partial", True), (b"maybe?", False)):
+                out = await a.open_tensor_stream(b.peer_id, "judged")
+                if fails:
+                    with pytest.raises(TensorStreamError, match="incomplete: no '!'"):
+                        async with out:
+                            await out.send(body)
+                else:
+                    async with out:
+                        await out.send(body)
+        assert received == [b"done!", b"partial", b"maybe?"]

@@ -218,3 +218,115 @@ async def _exercise(nets: list[Network], tmp_path: Path, numels: list[int],
     assert rounds[1]["contributors"] == 1 and rounds[1]["refused"] >= 1
     assert rounds[2]["contributors"] == 2
     assert all(math.isfinite(v) for r in rounds.values() for v in r.values())
+
+
+# --- bad payloads over the network --------------------------------------------------------------
+
+
+def _deltas(numels: list[int], seed: int, scale: float = 1e-3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen) * scale for n in numels]
+
+
+def _payload(deltas: list[torch.Tensor], codec: str, round_: int = 0,
+             allow_nonfinite: bool = False) -> bytes:
+    from hypha.compress import encode
+
+    return pack_envelope(_SHARD, 0, round_) + encode(deltas, codec,
+                                                     allow_nonfinite=allow_nonfinite)
+
+
+def _flip(data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[len(bad) * 3 // 5] ^= 0x40  # inside a chunk's body: its CRC-32 no longer matches
+    return bytes(bad)
+
+
+def _nan(numels: list[int], codec: str) -> bytes:
+    deltas = _deltas(numels, 2)
+    deltas[3][7] = float("nan")
+    return _payload(deltas, codec, allow_nonfinite=True)
+
+
+#: name → (the server's codec, the bad payload from the good one's deltas, what the refusal says)
+BAD_PAYLOADS: dict[str, tuple[str, Any, str]] = {
+    "bit flip in a chunk": ("int2", lambda n: _flip(_payload(_deltas(n, 2), "int2")),
+                            r"CRC|checksum"),
+    "truncated": ("int2", lambda n: _payload(_deltas(n, 2), "int2")[:-100], r"ends|incomplete|"
+                  r"truncated|before"),
+    "oversized (bytes after the payload)": ("int2", lambda n: _payload(_deltas(n, 2), "int2")
+                                            + b"\x00" * 4096, r"trailing|after|unexpected"),
+    "wrong shapes": ("int2", lambda n: _payload(_deltas(n[:-1], 2), "int2"), r"tensors"),
+    "wrong codec": ("int2", lambda n: _payload(_deltas(n, 2), "int4"), r"int4"),
+    "NaN in a chunk": ("fp32", lambda n: _nan(n, "fp32"), r"NaN|Inf|finite"),
+    "out of step (a round-1 payload as delta-0)": (
+        "int2", lambda n: _payload(_deltas(n, 2), "int2", round_=1), r"out of step|round 1"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_PAYLOADS))
+async def test_a_bad_payload_is_refused_counted_and_changes_nothing_else(
+        kind: str, pki: PKI, tmp_path: Path) -> None:
+    codec, make_bad, reason = BAD_PAYLOADS[kind]
+    numels = _numels()
+    good, bad = _payload(_deltas(numels, 1), codec), make_bad(numels)
+    async with AsyncExitStack() as stack:
+        nets = []
+        for name in ("ps", "sched", "a", "b"):
+            _, files = pki.node(name)
+            nets.append(await stack.enter_async_context(open_network(pki.settings(files))))
+        ps_net, sched_net, a_net, b_net = nets
+        await _connect(nets)
+        ps_job = new_id()
+        scheduler = Scheduler(sched_net, ps_job, timeout=0.5)
+        scheduler.workers = [str(a_net.peer_id), str(b_net.peer_id)]
+        async with trio.open_nursery() as nursery:
+            a = Trainer(a_net, sched_net.peer_id, tmp_path / "a")
+            b = Trainer(b_net, sched_net.peer_id, tmp_path / "b")
+            for t in (a, b):
+                await nursery.start(t.backend.run)
+                nursery.start_soon(t.collect)
+            router = StreamRouter()
+            router.install(ps_net)
+            work_dir = tmp_path / "ps"
+            work_dir.mkdir()
+            backend = NetworkBackend(ps_net, router, job_id=ps_job,
+                                     scheduler=sched_net.peer_id, work_dir=work_dir)
+            await nursery.start(backend.run)
+            spec: dict[str, Any] = {"id": ps_job, "scheduler": str(sched_net.peer_id),
+                                    "config": {"rounds": 1, "model": MODEL, "codec": codec}}
+            statuses: list[ExecutorStatus] = []
+            nursery.start_soon(lambda: ParameterServerExecutor().run(
+                spec, work_dir, statuses.append, backend=backend))
+            await a.wait_for("global-0")
+            with pytest.raises(Exception, match=reason):
+                await b.send(ps_net.peer_id, "delta-0", bad)
+            await a.send(ps_net.peer_id, "delta-0", good)
+            await a.wait_for("update-0")
+            with trio.fail_after(20):
+                while not statuses or statuses[-1].state != "finished":
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    # counted in the round's report
+    [report] = scheduler.reports
+    assert report.values["refused"] == 1 and report.values["contributors"] == 1
+    # the global model is what the documented rule gives for these bytes: the bad payload's
+    # chunks that were verified before the fault count, nothing else of it does
+    torch.manual_seed(0)
+    params = [p.detach() for p in training_parameters(load_model(MODEL))]
+    reference = OuterServer([p.clone() for p in params], codec=codec)
+    rnd = reference.open_round()
+    trusted = rnd.contribution("b")
+    try:
+        trusted.feed(bad)
+        trusted.finish()
+    except Exception:
+        pass
+    c = rnd.contribution("a")
+    c.feed(good)
+    c.finish()
+    rnd.close()
+    server = OuterServer.load(tmp_path / "ps" / CHECKPOINT_NAME, params, codec=codec)
+    for got, want in zip(server.global_tensors(), reference.global_tensors(), strict=True):
+        assert torch.equal(got, want)
