@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -92,6 +93,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: Seconds between two log lines about streams refused on one connection.
+REFUSED_LOG_INTERVAL = 10.0
 
 PROTOCOL_ID = "/yamux/1.0.0"
 
@@ -422,6 +425,10 @@ class Yamux(IMuxedConn):
             bool(secured_conn.is_initiator) if is_initiator is None else is_initiator
         )
         self._max_streams = max_streams
+        #: streams the peer opened beyond max_streams (reset at once)
+        self.refused_streams = 0
+        self._refused_logged = 0
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL
         self._max_window = max_window
         self._max_frame = max_frame
         self._read_size = read_size
@@ -785,12 +792,20 @@ class Yamux(IMuxedConn):
             raise _ProtocolError(f"peer opened stream {sid}, which is already open")
         if self._goaway_sent or self._dead or len(self._streams) >= self._max_streams:
             if not (self._goaway_sent or self._dead):
-                logger.warning(
-                    "yamux: refusing stream %d from %s: %d streams open (max_streams)",
-                    sid,
-                    self.peer_id,
-                    len(self._streams),
-                )
+                # NOTE: a flooding peer opens thousands of streams a second: one line per
+                # REFUSED_LOG_INTERVAL, with the count, not one per stream
+                self.refused_streams += 1
+                now = time.monotonic()
+                if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
+                    logger.warning(
+                        "yamux: refusing streams from %s: %d streams open (max_streams); %d "
+                        "refused since the last line",
+                        self.peer_id,
+                        len(self._streams),
+                        self.refused_streams - self._refused_logged,
+                    )
+                    self._refused_logged_at = now
+                    self._refused_logged = self.refused_streams
             self._queue(_pack(0, _WINDOW_UPDATE, _RST, sid, 0))
             return None
         stream = YamuxStream(self, sid, inbound=True)
