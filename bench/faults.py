@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import ROOT, Column, add_common_args, recorder, sig  # noqa: E402
+from bench._harness import ROOT, Column, add_common_args, recorder, sig
 
 #: (input, expected outcome, pytest targets that check it)
 BAD_INPUT: list[tuple[str, str, list[str]]] = [

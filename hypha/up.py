@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,7 +216,10 @@ class Cluster:
         return path
 
     def start(self, role: str, name: str, args: Sequence[str],
-              env: dict[str, str] | None = None) -> Node:
+              env: dict[str, str] | None = None, *, prefix: Sequence[str] = (),
+              host: str = "127.0.0.1") -> Node:
+        """Start node ``name`` listening on ``host``. ``prefix`` goes before the command (e.g.
+        ``ip netns exec <ns>``, which execs the node: its pid and session stay the node's)."""
         self.logs.mkdir(exist_ok=True)
         log = self.logs / f"{name}.log"
         environment = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -224,8 +227,8 @@ class Cluster:
                        "HYPHA_TLS_KEY": str(self.pki / f"{name}.key"),
                        "HYPHA_TLS_TRUST": str(self.pki / "root.pem"),
                        "HYPHA_TLS_CRL": str(self.pki / "org.crl.pem"), **(env or {})}
-        command = [sys.executable, "-m", f"hypha.{role}", "run", "--listen",
-                   "/ip4/127.0.0.1/tcp/0", *args]
+        command = [*prefix, sys.executable, "-m", f"hypha.{role}", "run", "--listen",
+                   f"/ip4/{host}/tcp/0", *args]
         with open(log, "wb") as out:
             # NOTE: a session of its own: Ctrl-C in the terminal reaches only this process, which
             # stops the nodes in order instead of all of them at once.
@@ -316,11 +319,18 @@ class LocalNetwork:
     and the trainers, then :meth:`start_scheduler`. ``spare_ps`` more workers offer the
     parameter-server executor (replacements); :meth:`add_trainer` starts another training
     worker at any time; :meth:`kill` kills a node as a machine dies (its jobs too). The
-    scheduler keeps the parameter server's checkpoint in :attr:`checkpoint_dir`."""
+    scheduler keeps the parameter server's checkpoint in :attr:`checkpoint_dir`.
+
+    ``placement`` (node name → (command prefix, listen host), or ``None``) puts a node
+    elsewhere, e.g. in a network namespace of its own; by default every node runs here and
+    listens on 127.0.0.1."""
 
     def __init__(self, options: UpOptions, cluster: Cluster, *, spare_ps: int = 0,
                  lease_ttl: float = 10.0, extra_trainers: int = 0,
-                 initial_trainers: int | None = None) -> None:
+                 initial_trainers: int | None = None,
+                 placement: Callable[[str], tuple[Sequence[str], str] | None] | None = None,
+                 ) -> None:
+        self.placement = placement
         self.options = options
         self.cluster = cluster
         self.root = cluster.root
@@ -399,7 +409,9 @@ class LocalNetwork:
                 "settings": [f"{k}={v}" for k, v in settings.items()]}}))])
 
     def _start(self, role: str, name: str, args: list[str]) -> Node:
-        node = self.cluster.start(role, name, args)
+        placed = self.placement(name) if self.placement is not None else None
+        prefix, host = placed if placed is not None else ((), "127.0.0.1")
+        node = self.cluster.start(role, name, args, prefix=prefix, host=host)
         self.nodes[name] = node
         return node
 

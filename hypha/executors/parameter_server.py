@@ -217,6 +217,7 @@ class _Server:
         self.opened = trio.Event()  #: set (and replaced) whenever a round opens
         self.feeding = trio.Lock()  #: one contribution's piece is decoded at a time
         self.joined: set[str] = set()  #: workers that were sent the global model
+        self._sends: trio.Nursery | None = None  #: where the updates are sent from
         self.bytes_received = 0
         self.bytes_sent = 0
         #: the update of the round before the first, sent again when resumed from a checkpoint
@@ -306,6 +307,14 @@ class _Server:
 
     # -- the rounds ----------------------------------------------------------------------------------
     async def run(self) -> None:
+        # NOTE: updates go out in the background: a worker that is unreachable (cut off, or
+        # dead and not yet dropped by the scheduler) must not hold up the next round. The last
+        # updates are waited for before the job ends.
+        async with trio.open_nursery() as sends:
+            self._sends = sends
+            await self._rounds()
+
+    async def _rounds(self) -> None:
         while self.server.round < self.config.rounds:
             current = _Round(self.server.round, self.server.open_round(),
                              timeout=self.config.round_timeout)
@@ -317,8 +326,9 @@ class _Server:
             if self.resend is not None:
                 # resumed: the last update may not have reached every trainer before the old
                 # server died; those that have it already drop it (its round is past for them)
-                await self._broadcast(f"{_UPDATE}{current.number - 1}", [self.resend],
-                                      sorted(current.workers))
+                assert self._sends is not None
+                self._sends.start_soon(self._broadcast, f"{_UPDATE}{current.number - 1}",
+                                       [self.resend], sorted(current.workers))
                 self.resend = None
             await self._collect(current)
             async with self.feeding:
@@ -330,13 +340,15 @@ class _Server:
                 # update a trainer applied, so a replacement resumes where everyone is
                 await self._custody(current.number + 1)
             waited = trio.current_time() - t0
-            sent = await self._broadcast(f"{_UPDATE}{current.number}", pieces,
-                                         sorted(current.workers | self.joined))
+            # only to the workers the plan names: one the scheduler dropped gets nothing more
+            assert self._sends is not None
+            self._sends.start_soon(self._broadcast, f"{_UPDATE}{current.number}", pieces,
+                                   sorted(current.workers))
             log.info("job %s: round %d closed with %d of %d contribution(s) (%d partial, %d "
-                     "late, %d refused) after %.2f s; update of %d bytes sent to %d worker(s)",
-                     self.job_id, current.number, stats.contributors, len(current.workers),
-                     stats.partial, current.late, current.refused, waited,
-                     sum(map(len, pieces)), sent)
+                     "late, %d refused) after %.2f s; sending the update (%d bytes) to %d "
+                     "worker(s)", self.job_id, current.number, stats.contributors,
+                     len(current.workers), stats.partial, current.late, current.refused, waited,
+                     sum(map(len, pieces)), len(current.workers))
             await self._report(current, stats, waited)
 
     async def _wait_for_plan(self, current: _Round) -> None:
@@ -364,6 +376,9 @@ class _Server:
             return
         current.workers = set(plan.workers)
         current.timeout = plan.timeout
+        # a worker the scheduler no longer names is forgotten: if it comes back, it is sent
+        # the model again
+        self.joined.intersection_update(plan.workers)
         new = sorted(set(plan.workers) - self.joined)
         if new:
             self.joined.update(new)

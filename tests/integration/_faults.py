@@ -20,16 +20,24 @@ Measures:
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hypha.up import Cluster, LocalNetwork, Node, UpOptions, _processes_under
+from tests.integration import _netns
 
-__all__ = ["SCENARIOS", "Row", "Run", "small_options"]
+__all__ = ["SCENARIOS", "Row", "Run", "Unavailable", "small_options"]
+
+
+class Unavailable(RuntimeError):
+    """A scenario cannot run on this machine (e.g. no network namespaces); the message says
+    why. The tests skip it, bench/faults.py records it as skipped."""
 
 
 @dataclass
@@ -130,12 +138,23 @@ class Run:
         node = self.net.nodes.get(name)
         return node.tail(lines) if node else ""
 
-    def logged(self, name: str, pattern: str) -> list[re.Match[str]]:
+    def logged(self, name: str, pattern: str, since: int = 0) -> list[re.Match[str]]:
+        """Matches of ``pattern`` in node ``name``'s log lines, from offset ``since`` (see
+        :meth:`mark`) on."""
         node = self.net.nodes.get(name)
         if node is None:
             return []
         regex = re.compile(pattern)
-        return [m for m in (regex.search(line) for line in node.text().splitlines()) if m]
+        return [m for m in (regex.search(line) for line in node.text()[since:].splitlines())
+                if m]
+
+    def mark(self, name: str) -> int:
+        """Where node ``name``'s log ends now (for :meth:`logged`'s ``since``)."""
+        node = self.net.nodes.get(name)
+        return len(node.text()) if node else 0
+
+    def peer_of(self, name: str) -> str:
+        return next(peer for peer, node in self.cluster.peer_names().items() if node == name)
 
     def finished(self, timeout: float) -> bool:
         assert self.scheduler is not None
@@ -325,6 +344,132 @@ def join_mid_run(root: Path, scale: int = 1) -> Row:
     return row
 
 
+def partition(root: Path, scale: int = 1) -> Row:
+    """Every node in a network namespace of its own (:mod:`tests.integration._netns`); worker-1
+    is cut off (its bridge port drops everything, both ways) for three lease lifetimes, and
+    healed once the scheduler has lost it too if that takes longer (its renewal RPC times out
+    after 10 s), so that the heal never races the loss."""
+    reason = _netns.available()
+    if reason is not None:
+        raise Unavailable(f"network namespaces are not available: {reason}")
+    ttl = 4.0
+    cut_for = 3 * ttl
+    row = Row(f"partition: every node in its own network namespace; training worker-1 cut off "
+              f"after round 2 for {cut_for:.0f} s (3 leases), then healed",
+              "the scheduler loses it and leases a replacement; its own lease expires and its "
+              "job stops; the PS never counts more contributions than expected and goes on; "
+              "after the heal whatever it sends is dropped or refused; the run completes")
+    options = small_options(rounds=10 * scale, round_timeout=5.0)
+    run = Run(root, options, extra_trainers=1, lease_ttl=ttl)
+    with _netns.Namespaces(run.net.names) as spaces:
+        # NOTE: placed once the names are known (LocalNetwork makes them); nothing has started.
+        run.net.placement = spaces.placement
+        with run:
+            cut = "worker-1"
+            run.wait("round 2", lambda: run.ps_round() >= 2, timeout=180)
+            run.wait(f"{cut} training", lambda: cut in run.trainers())
+            peer = run.peer_of(cut)
+            at = run.ps_round()
+            since = {name: run.mark(name) for name in ("ps", "scheduler", cut)}
+            cut_at = time.monotonic()
+            spaces.cut(cut)
+            run.net.add_trainer("worker-2")  # a machine that answers the next advertisement
+            lost = run.wait("the scheduler losing it", lambda: run.logged(
+                "scheduler", rf"lost train worker {peer} \((.*)\)", since["scheduler"]),
+                timeout=60)
+            lost_s = time.monotonic() - cut_at
+            expired = run.wait("its lease expiring on its side", lambda: run.logged(
+                cut, r"lease \S+ of scheduler \S+ expired", since[cut]), timeout=60)
+            stopped = run.wait("its job stopping", lambda: run.logged(
+                cut, r"stopping job \S+: lease expired", since[cut])
+                and not _job_processes(run, [cut]), timeout=60)
+            time.sleep(max(0.0, cut_at + cut_for - time.monotonic()))
+            rounds_during = [e for e in run.ps_rounds() if e["values"]["round"] > at]
+            healed_at = time.monotonic()
+            spaces.heal(cut)
+            cut_s = healed_at - cut_at
+            after = run.mark("ps")
+            replaced = run.wait("a replacement leased", lambda: [
+                e for e in run.events() if e.get("event") == "lease" and e.get("role") == "train"
+                and run.name_of(str(e.get("worker"))) == "worker-2"])
+            run.wait("the replacement's first contribution", lambda: any(
+                int(e["values"].get("round", 0)) >= 1 and run.name_of(e["worker"]) == "worker-2"
+                for e in run.events() if e.get("event") == "metrics" and e.get("role") == "train"))
+            row.recovery_s = time.monotonic() - cut_at
+            done = run.finished(timeout=240)
+            rounds = run.ps_rounds()
+            # the round it missed: the PS gave up waiting for it, then closed the round
+            missed = run.logged("ps", rf"^(\S+ \S+) .*round (\d+): no contribution from "
+                                      rf"[^;]*{peer}", since["ps"])
+            missed_round = int(missed[0].group(2)) if missed else -1
+            closed = run.logged("ps", rf"^(\S+ \S+) .*round {missed_round} closed with (\d+) of "
+                                      rf"(\d+)", since["ps"])
+            # NOTE: measured, not checked: the PS sends each round's update to every worker it
+            # ever sent the model (`joined`, lost ones too) and waits for every send; the one to
+            # the cut worker hangs until opening the stream times out or the link heals, and the
+            # whole run waits with it.
+            stalled = (_stamp(closed[0].group(1)) - _stamp(missed[0].group(1))
+                       if missed and closed else math.nan)
+            # after the heal: every PS line about it is a drop, a refusal or a failed send
+            mentions = [m.group(0) for m in run.logged("ps", rf".*{peer}.*", after)]
+            harmless = re.compile(r"came after the round closed; dropped|refused the "
+                                  r"contribution|did not name|broke off|could not send|"
+                                  r"Failed to open stream")
+            counted_after = [line for line in mentions if not harmless.search(line)]
+            kinds = sorted({found.group(0) for line in mentions
+                            if (found := harmless.search(line))})
+            leases_of_cut = [e for e in run.events() if e.get("event") == "lease"
+                             and e.get("worker") == peer]
+            late = sum(int(e["values"].get("late", 0)) for e in rounds
+                       if e["values"]["round"] > at)
+            refused = sum(int(e["values"].get("refused", 0)) for e in rounds
+                          if e["values"]["round"] > at)
+            row.checks = {
+                "scheduler lost it": bool(lost),
+                "replacement leased": bool(replaced),
+                "its lease expired on its side": bool(expired),
+                "its job stopped": bool(stopped),
+                "cut for longer than a lease": cut_s > ttl,
+                "the round it missed closed without it": missed_round >= at and bool(closed)
+                and int(closed[0].group(2)) < int(closed[0].group(3)),
+                "never more contributions than expected": all(
+                    e["values"]["contributors"] <= e["values"]["expected"] for e in rounds),
+                "rounds went on without it": run.ps_round() > missed_round + 1,
+                "after the heal nothing of it counted": not counted_after,
+                "never leased again": len(leases_of_cut) == 1,
+                "run completed": done and run.ps_round() == options.rounds,
+            }
+            row.rounds_lost = 0 if row.checks["rounds went on without it"] else 1
+            # NOTE: the global model sent to the replacement, as for kill-trainer. A late or
+            # refused contribution's bytes cannot be told apart (the PS counts the bytes it
+            # receives per job, not per peer); their number is in `observed`.
+            got = run.logged("worker-2", r"received global-\d+ \((\d+) bytes\)")
+            row.bytes_wasted = int(got[0].group(1)) if got else _global_model_bytes(run)
+            why = lost[0].group(1).strip()[:60]
+            why += " timed out" if why.endswith(":") else ""
+            row.observed = (
+                f"cut while PS round {at} was open, for {cut_s:.1f} s; the scheduler lost it "
+                f"after {lost_s:.1f} s ({why}); round {missed_round} "
+                f"closed with {closed[0].group(2) if closed else '?'} of "
+                f"{closed[0].group(3) if closed else '?'} after waiting {options.round_timeout:.0f} s "
+                f"for it, then {stalled:.1f} s more on its update to the cut worker; "
+                f"{len(rounds_during)} round(s) closed during the cut; after the heal "
+                f"{len(mentions)} PS line(s) about it ({', '.join(kinds) or '-'}"
+                f"{f', {len(counted_after)} other' if counted_after else ''}), {late} late and "
+                f"{refused} refused contribution(s) from round {at} on; the replacement "
+                f"contributed {row.recovery_s:.1f} s after the cut; run "
+                f"{'completed' if done else 'FAILED'}")
+    row.checks["namespaces removed"] = not spaces.leftovers()
+    row.checks["no process left"] = not _processes_under(root)
+    row.ok = all(row.checks.values())
+    return row
+
+
+def _stamp(text: str) -> float:
+    """Seconds since the epoch of a log line's time stamp (``2026-01-31 12:00:00,123``)."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 def _global_model_bytes(run: Run) -> int:
     """Bytes of one fp32 copy of the model: what a joining worker receives."""
     import torch
@@ -335,8 +480,10 @@ def _global_model_bytes(run: Run) -> int:
     return sum(p.numel() * 4 for p in load_model(run.options.model).parameters())
 
 
-def _job_processes(run: Run) -> list[int]:
-    return [pid for name in [*run.net.ps_names, *run.net.trainers]
+def _job_processes(run: Run, names: list[str] | None = None) -> list[int]:
+    """Processes of the jobs of workers ``names`` (default: all), not the workers."""
+    names = [*run.net.ps_names, *run.net.trainers] if names is None else names
+    return [pid for name in names
             for pid in _processes_under(run.net.root / name)
             if pid not in {n.proc.pid for n in run.net.nodes.values()}]
 
@@ -347,4 +494,5 @@ SCENARIOS: dict[str, Callable[[Path, int], Row]] = {
     "kill-scheduler": kill_scheduler,
     "slow-worker": slow_worker,
     "join-mid-run": join_mid_run,
+    "partition": partition,
 }
