@@ -6,6 +6,14 @@ USED. Workers are handed AVAILABLE slices in an order shuffled per epoch (determ
 on and the next, prefetched). A dead worker's slices go back to AVAILABLE, first in line. When
 every slice is USED the next epoch begins with a new shuffle.
 
+**Epochs overlap at their boundary.** When a worker asks and no slice of the epoch is left
+AVAILABLE while another worker still holds some, the next epoch begins at once with the slices
+nobody holds (in its new shuffle); the slices still held finish their old epoch and join the new
+one when they are done (or released). Otherwise a worker would wait for another to finish its
+slice, and in DiLoCo that other may be waiting for it at the synchronisation: a deadlock that only
+the parameter server's timeout would break. A slice held across more than one boundary joins the
+newest epoch when done: it is trained fewer times than the others, and nobody waits.
+
 Pure logic: no network, no clock. The scheduler decides what to do with the errors:
 :class:`NoSliceAvailable` means "ask again later", any other :class:`TrackerError` means the
 worker's request makes no sense (a bug or a stale message) and should be refused.
@@ -146,6 +154,11 @@ class SliceTracker:
                 f"({', '.join(map(str, held))}), the most allowed (max_assigned_per_worker="
                 f"{self.max_assigned_per_worker}); report one done before asking for another"
             )
+        if not self._available and len(self._assigned) < self.n_slices and any(
+                a.worker != worker for a in self._assigned.values()):
+            # every slice not held now is USED in this epoch, and another worker holds what is
+            # left: begin the next one with the others (the asker's own slices end soon)
+            self._start_epoch(self._epoch + 1, held=set(self._assigned))
         if not self._available:
             raise NoSliceAvailable(
                 f"no slice of {self.dataset!r} is available in epoch {self._epoch}: "
@@ -167,13 +180,14 @@ class SliceTracker:
         self._check_slice(slice)
         if not _is_int(epoch) or epoch < 0:
             raise TrackerError(f"epoch must be an integer >= 0, got {epoch!r}")
-        if epoch != self._epoch:
+        held = self._assigned.get(slice)
+        carried = held is not None and held.worker == worker and held.epoch == epoch < self._epoch
+        if epoch != self._epoch and not carried:
             when = "a past" if epoch < self._epoch else "a future"
             raise TrackerError(
                 f"worker {worker!r} reported slice {slice} of epoch {epoch} done, {when} epoch: "
                 f"{self.dataset!r} is at epoch {self._epoch}"
             )
-        held = self._assigned.get(slice)
         if held is None or held.worker != worker:
             if held is not None:
                 now = f"it is assigned to worker {held.worker!r}"
@@ -186,8 +200,12 @@ class SliceTracker:
                 f"not hold it: {now}"
             )
         del self._assigned[slice]
-        self._used.add(slice)
         self._used_total += 1
+        if carried:
+            # done with its old epoch, while the next one runs: it is trained in this one too
+            self._available.append(slice)
+            return
+        self._used.add(slice)
         if len(self._used) == self.n_slices:
             self._start_epoch(self._epoch + 1)
 
@@ -253,7 +271,7 @@ class SliceTracker:
             "epoch": self._epoch,
             "available": list(self._available),
             "assigned": [
-                {"slice": a.slice, "worker": a.worker, "job": a.job}
+                {"slice": a.slice, "worker": a.worker, "job": a.job, "epoch": a.epoch}
                 for a in self._assigned.values()
             ],
             "used": sorted(self._used),
@@ -317,16 +335,22 @@ class SliceTracker:
         per_worker: dict[str, int] = {}
         for i, raw in enumerate(_list(d["assigned"], "snapshot.assigned")):
             where = f"snapshot.assigned[{i}]"
-            a = _fields(raw, where, {"slice", "worker", "job"})
+            a = _fields(raw, where, {"slice", "worker", "job", "epoch"}
+                        if isinstance(raw, dict) and "epoch" in raw
+                        else {"slice", "worker", "job"})
             s = tracker._slice_at(a["slice"], f"{where}.slice")
             worker, job = a["worker"], a["job"]
+            held_epoch = _count(a.get("epoch", epoch), f"{where}.epoch")
+            if held_epoch > epoch:
+                raise TrackerError(f"{where}.epoch: {held_epoch} is after the snapshot's epoch "
+                                   f"{epoch}")
             if not isinstance(worker, str) or not worker:
                 raise TrackerError(f"{where}.worker: expected a non-empty string, got {worker!r}")
             if job is not None and not isinstance(job, str):
                 raise TrackerError(f"{where}.job: expected a string or null, got {job!r}")
             if s in assigned:
                 raise TrackerError(f"{where}: slice {s} is assigned twice")
-            assigned[s] = Assignment(s, epoch, worker, job)
+            assigned[s] = Assignment(s, held_epoch, worker, job)
             per_worker[worker] = per_worker.get(worker, 0) + 1
             if per_worker[worker] > tracker.max_assigned_per_worker:
                 raise TrackerError(
@@ -372,11 +396,13 @@ class SliceTracker:
         rng.shuffle(order)
         return order
 
-    def _start_epoch(self, epoch: int) -> None:
+    def _start_epoch(self, epoch: int, held: set[int] | None = None) -> None:
+        """Begin ``epoch``; slices in ``held`` are still ASSIGNED in the one before and join
+        this one when done."""
         self._epoch = epoch
         self._used.clear()
         self._released.clear()
-        self._available = deque(self._order(epoch))
+        self._available = deque(s for s in self._order(epoch) if not held or s not in held)
 
     def _check_slice(self, slice: int) -> None:
         if not _is_int(slice) or not 0 <= slice < self.n_slices:

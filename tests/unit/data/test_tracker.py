@@ -77,10 +77,61 @@ def test_no_slice_available_until_done() -> None:
     ):
         t.assign("c")
     t.done("a", s0, 0)
-    with pytest.raises(NoSliceAvailable):
-        t.assign("c")  # the epoch has not ended: b still holds s1
-    t.done("b", s1, 0)
-    assert t.assign("c")[1] == 1
+    # the epoch's last slice is still b's: the next epoch begins with the one nobody holds
+    assert t.assign("c") == (s0, 1)
+    with pytest.raises(NoSliceAvailable, match="available in epoch 1: 2 assigned"):
+        t.assign("d")
+    t.done("b", s1, 0)  # done with epoch 0: it joins epoch 1
+    assert t.assign("d") == (s1, 1)
+
+
+def test_epochs_overlap_at_their_boundary() -> None:
+    """A worker never waits for another's slice at an epoch's end (in DiLoCo the other may be
+    waiting for it), and every slice is still trained once per epoch."""
+    t = SliceTracker("ds", 5, seed=2)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    slow, _ = t.assign("slow")
+    seen[0].append(slow)
+    while True:  # the fast worker goes on while the slow one keeps its slice
+        s, e = t.assign("fast")
+        seen[e].append(s)
+        t.done("fast", s, e)
+        if e == 1 and len(seen[1]) == 4:
+            break
+    assert t.epoch == 1 and t.state(slow) is SliceState.ASSIGNED
+    assert sorted(seen[0]) == list(range(5)) and slow not in seen[1]
+    # the snapshot keeps the epoch each slice was handed out in
+    back = SliceTracker.restore(t.snapshot())
+    assert back.snapshot() == t.snapshot()
+    assert back.holder(slow).epoch == 0  # type: ignore[union-attr]
+    t.done("slow", slow, 0)  # done with epoch 0: it joins epoch 1, the last one to go
+    s, e = t.assign("fast")
+    assert (s, e) == (slow, 1)
+    t.done("fast", s, e)
+    assert t.epoch == 2 and sorted(seen[1] + [slow]) == list(range(5))
+    # a slice held past two boundaries does not stop the others either; it joins the newest
+    # epoch when done (so it is trained fewer times than the rest)
+    v = SliceTracker("ds", 3)
+    kept, _ = v.assign("slow")
+    for _ in range(5):  # epoch 0: 2 slices, epoch 1: 2, epoch 2: the first
+        s, e = v.assign("fast")
+        v.done("fast", s, e)
+    assert v.epoch == 2 and v.holder(kept).epoch == 0  # type: ignore[union-attr]
+    v.done("slow", kept, 0)
+    assert v.state(kept) is SliceState.AVAILABLE
+    # a held slice of the old epoch that is released joins the new epoch first in line
+    u = SliceTracker("ds", 3)
+    held, _ = u.assign("dead")
+    for _ in range(2):
+        s, e = u.assign("w")
+        u.done("w", s, e)
+    s, e = u.assign("w")
+    assert e == 1 and s != held
+    assert u.release_worker("dead") == [held]
+    assert u.assign("x") == (held, 1)
+    # a slice done in an epoch it was not handed out in is refused
+    with pytest.raises(TrackerError, match="a past epoch"):
+        u.done("x", held, 0)
 
 
 def test_release_dead_worker() -> None:
