@@ -52,7 +52,9 @@ SAMPLES: dict[type[M.Message], M.Message] = {s.__class__: s for s in [
     M.MetricsReport(job_id=ID2, step=1500,
                     values={"loss": 2.875, "train/tokens_per_s": 41_000.0, "lr": 3e-4},
                     time=T0),
-    M.MetricsReceived(job_id=ID2),
+    M.MetricsReceived(job_id=ID2, round=3, batches=41, parameter_server=PEER2),
+    M.RoundPlanRequest(job_id=ID2, round=3),
+    M.RoundPlan(round=3, workers=[PEER, PEER2], timeout=60.0),
     M.DataSliceRequest(job_id=ID2, dataset="fineweb-edu.10b"),
     M.DataSliceAssignment(dataset="fineweb-edu.10b", slice=17, epoch=2, provider=PEER),
     M.DataSliceDone(job_id=ID2, dataset="fineweb-edu.10b", slice=17, epoch=2),
@@ -124,6 +126,18 @@ def messages(cls: type[M.Message]) -> st.SearchStrategy[Any]:
                       dataset=f["dataset"].filter(bool)),
             st.builds(M.Fetch, source=st.just("path"), path=f["path"]),
         )
+    if cls is M.MetricsReceived:  # the instruction's three fields come together
+        f = _fields(M.MetricsReceived)
+        return st.one_of(
+            st.builds(M.MetricsReceived, job_id=f["job_id"]),
+            st.builds(M.MetricsReceived, job_id=f["job_id"], round=f["round"].filter(
+                lambda r: r is not None), batches=f["batches"].filter(lambda b: b is not None),
+                parameter_server=f["parameter_server"].filter(lambda p: p is not None)),
+        )
+    if cls is M.RoundPlan:  # the workers are distinct
+        f = _fields(M.RoundPlan)
+        return st.builds(M.RoundPlan, round=f["round"], timeout=f["timeout"],
+                         workers=f["workers"].map(lambda ws: list(dict.fromkeys(ws))))
     return st.builds(cls, **_fields(cls))
 
 

@@ -12,7 +12,7 @@ from hypha.net import Protocol
 from tests.unit.messages._samples import MESSAGE_TYPES
 
 MODULES = ["data_slice", "dispatch_job", "file_fetch", "health", "job_status", "metrics",
-           "renew_lease", "worker_offer", "worker_request"]
+           "renew_lease", "round_plan", "worker_offer", "worker_request"]
 
 
 def test_exports() -> None:
@@ -30,7 +30,8 @@ def test_message_types() -> None:
         "DispatchJob", "Executor", "Fetch", "FetchFile", "FetchSlice", "FileComing", "Health",
         "HealthCheck", "JobAccepted", "JobSpec", "JobStatus", "JobStopped", "LeaseRenewed",
         "MetricsReceived", "MetricsReport", "OfferReceived", "RenewLease", "Resources",
-        "SliceComing", "StatusReceived", "StopJob", "WorkerOffer", "WorkerRequest",
+        "RoundPlan", "RoundPlanRequest", "SliceComing", "StatusReceived", "StopJob",
+        "WorkerOffer", "WorkerRequest",
     ])
 
 
@@ -47,6 +48,7 @@ RPCS: dict[str, tuple[type[M.Message], type[M.Message]]] = {
     "data-fetch": (M.FetchSlice, M.SliceComing),
     "file-fetch": (M.FetchFile, M.FileComing),
     "health": (M.HealthCheck, M.Health),
+    "round-plan": (M.RoundPlanRequest, M.RoundPlan),
 }
 
 

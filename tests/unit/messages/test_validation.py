@@ -338,3 +338,20 @@ def test_error_messages_stay_short_whatever_the_input() -> None:
         _decode_mutated(M.JobStatus, _set("message", "é" * 5000))
     assert len(str(info.value)) < 200
     assert re.search(r"\(5000 characters\)", str(info.value))
+
+
+def test_the_sync_instruction_and_the_round_plan_check_themselves() -> None:
+    job, peer = "a" * 32, "12D3KooWabcdefghijkmnopqrstuvwxyz"
+    with pytest.raises(M.MessageError, match="come together"):
+        M.MetricsReceived(job_id=job, round=1)
+    with pytest.raises(M.MessageError, match="come together"):
+        M.MetricsReceived(job_id=job, batches=3, parameter_server=peer)
+    with pytest.raises(M.MessageError, match="batches"):
+        M.MetricsReceived(job_id=job, round=1, batches=0, parameter_server=peer)
+    with pytest.raises(M.MessageError, match="lists a peer twice"):
+        M.RoundPlan(round=0, workers=[peer, peer], timeout=1.0)
+    for timeout in (0.0, -1.0, 86401.0):
+        with pytest.raises(M.MessageError, match="timeout"):
+            M.RoundPlan(round=0, workers=[peer], timeout=timeout)
+    assert M.decode(M.RoundPlan, M.encode(M.RoundPlan(round=2, workers=[peer], timeout=5.0))) \
+        == M.RoundPlan(round=2, workers=[peer], timeout=5.0)
