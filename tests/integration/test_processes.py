@@ -178,7 +178,7 @@ async def test_processes_allocate_expire_and_replace(pki: PKI, tmp_path: Path) -
                 # a worker dies: the scheduler notices at the next renewal (the only worker left,
                 # "dear", will not offer at the bid, so it keeps advertising)
                 workers["fair"].proc.send_signal(signal.SIGKILL)
-                await sched.wait_for(rf"lost worker {ids['fair']}")
+                await sched.wait_for(rf"lost job worker {ids['fair']}")
 
                 # the scheduler dies: every worker's lease expires and frees its resources
                 sched.proc.send_signal(signal.SIGKILL)
@@ -204,7 +204,7 @@ async def test_a_dead_worker_is_replaced_by_a_new_lease(pki: PKI, tmp_path: Path
                 dead, alive = (a, b) if first == a.peer_id else (b, a)
                 job = (await dead.wait_for(r"job \S+: running \(pid (\d+)\)"))[0]
                 dead.proc.send_signal(signal.SIGKILL)
-                await sched.wait_for(rf"lost worker {dead.peer_id}")
+                await sched.wait_for(rf"lost job worker {dead.peer_id}")
                 # NOTE: a SIGKILLed worker cannot stop its job, which runs in its own session;
                 # reap it here (see the closing note of issue 5: no issue covers this yet)
                 if _alive(int(job.group(1))):
@@ -237,7 +237,7 @@ async def test_no_offer_below_the_floor_and_one_lease_for_two_competing_schedule
                     await trio.sleep(0.1)
                 # the loser advertises again and gets nothing: the machine is leased whole
                 loser = high if _leases(low) else low
-                await loser.wait_for(r"advertisement \S+: \d+ offer", count=2)
+                await loser.wait_for(r"advertisement \S+ \(job\): \d+ offer", count=2)
                 leases = {**_leases(low), **_leases(high)}
                 assert set(leases) == {only.peer_id}, (low.log(), high.log())
                 assert len(_leases(low)) + len(_leases(high)) == 1
