@@ -291,6 +291,7 @@ class Network:
         #: inbound requests and streams this node refused or failed, by reason (see serve and
         #: on_tensor_stream); hypha.metrics.network_metrics exports them
         self.refusals: Counter[str] = self._refusals.counts
+        self.transport.refusals = self.refusals  # refused handshakes count here too
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _drive(self, *, task_status: Any = trio.TASK_STATUS_IGNORED

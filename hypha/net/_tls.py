@@ -28,6 +28,7 @@ import itertools
 import logging
 import ssl
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -387,10 +388,18 @@ class MTLSTransport(ISecureTransport):
         self.peer_id = peer_id_from_certificate(identity.cert)
         self._crls: list[x509.CertificateRevocationList] = []
         self._sessions: weakref.WeakSet[TLSSession] = weakref.WeakSet()
+        #: refused handshakes by kind (``tls-untrusted``, ``tls-expired``, ``tls-revoked``,
+        #: ``tls-no-certificate``, ``tls-peer-id-mismatch``, ``tls-refused-by-peer``, ...); the
+        #: Network shares its own refusal counter here
+        self.refusals: Counter[str] = Counter()
         self._client, self._server = self._build_contexts()
         self._check_own_certificate()
 
     # -- contexts ---------------------------------------------------------------------------
+    def _refused(self, where: str, reason: str, *, by_remote: bool, server_side: bool) -> None:
+        self.refusals[_refusal_kind(reason, by_remote)] += 1
+        _log_refusal(where, reason, by_remote=by_remote, server_side=server_side)
+
     def _read_crls(self) -> list[x509.CertificateRevocationList]:
         crls: list[x509.CertificateRevocationList] = []
         for path in self.files.crl:
@@ -496,22 +505,22 @@ class MTLSTransport(ISecureTransport):
                     raise PeerRefused(f"the peer refused us: {reason}", by_remote=True)
         except PeerRefused as exc:
             await channel.aclose()
-            _log_refusal(where, exc.reason, by_remote=exc.by_remote, server_side=server_side)
+            self._refused(where, exc.reason, by_remote=exc.by_remote, server_side=server_side)
             raise
         except ssl.SSLError as exc:
             await channel.aclose()
             reason, by_remote = _describe_ssl_error(exc)
-            _log_refusal(where, reason, by_remote=by_remote, server_side=server_side)
+            self._refused(where, reason, by_remote=by_remote, server_side=server_side)
             raise PeerRefused(reason, by_remote=by_remote) from exc
         except trio.TooSlowError as exc:
             await channel.aclose()
             reason = f"handshake timed out after {self.handshake_timeout:g} s"
-            _log_refusal(where, reason, by_remote=False, server_side=server_side)
+            self._refused(where, reason, by_remote=False, server_side=server_side)
             raise HandshakeFailure(reason) from exc
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             await channel.aclose()
             reason = f"connection lost during the handshake ({exc or type(exc).__name__})"
-            _log_refusal(where, reason, by_remote=True, server_side=server_side)
+            self._refused(where, reason, by_remote=True, server_side=server_side)
             raise HandshakeFailure(reason) from exc
         except BaseException:
             await channel.aclose()
@@ -619,6 +628,23 @@ def _address(conn: IRawConnection) -> str:
     except Exception:  # only used in log lines
         addr = None
     return f"{addr[0]}:{addr[1]}" if addr else "unknown address"
+
+
+def _refusal_kind(reason: str, by_remote: bool) -> str:
+    """The counter a refused handshake goes to (``tls-<kind>``), from its reason."""
+    text = reason.lower()
+    if by_remote:
+        return "tls-refused-by-peer"
+    for words, kind in ((("no certificate", "peer did not return a certificate"), "no-certificate"),
+                        (("expired", "not yet valid"), "expired"),
+                        (("revoked",), "revoked"),
+                        (("peer id",), "peer-id-mismatch"),
+                        (("timed out",), "timeout"),
+                        (("verify failed", "self-signed", "self signed", "issuer", "unknown ca",
+                          "chain"), "untrusted")):
+        if any(w in text for w in words):
+            return f"tls-{kind}"
+    return "tls-other"
 
 
 def _log_refusal(where: str, reason: str, *, by_remote: bool, server_side: bool) -> None:

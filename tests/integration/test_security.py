@@ -35,8 +35,10 @@ def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def _expect_refused(dialer: Network, target: Network, caplog: pytest.LogCaptureFixture,
-                          *, dialer_says: str, target_says: str, addr: object = None) -> None:
+                          *, dialer_says: str, target_says: str, addr: object = None,
+                          dialer_kind: str = "", target_kind: str = "") -> None:
     caplog.clear()
+    before = (dialer.refusals.copy(), target.refusals.copy())
     with trio.fail_after(20):
         with pytest.raises(DialError) as err:
             await dialer.dial(addr or target.addrs[0])
@@ -54,6 +56,12 @@ async def _expect_refused(dialer: Network, target: Network, caplog: pytest.LogCa
     assert target_says in inbound[0], logs
     assert target.peer_id not in dialer.connected_peers()
     assert dialer.peer_id not in target.connected_peers()
+    # and counted, by kind, on each side (hypha_net_refused_total)
+    for net, old, kind in ((dialer, before[0], dialer_kind), (target, before[1], target_kind)):
+        grown = {k: v - old[k] for k, v in net.refusals.items() if k.startswith("tls-")
+                 and v > old[k]}
+        assert sum(grown.values()) == 1, grown
+        assert not kind or grown.get(kind) == 1, (kind, grown)
 
 
 async def test_good_certificates_connect_and_talk(pki: PKI) -> None:
@@ -136,7 +144,8 @@ async def test_self_signed_certificate_is_refused(pki: PKI, tmp_path,
     _, fb = pki.node("b")
     async with open_network(pki.settings(fm)) as m, open_network(pki.settings(fb)) as b:
         await _expect_refused(m, b, caplog, dialer_says="refused by the peer",
-                              target_says="self-signed certificate")
+                              target_says="self-signed certificate",
+                              dialer_kind="tls-refused-by-peer", target_kind="tls-untrusted")
 
 
 async def test_certificate_from_another_ca_is_refused(pki: PKI, tmp_path,
@@ -149,7 +158,8 @@ async def test_certificate_from_another_ca_is_refused(pki: PKI, tmp_path,
     _, fb = pki.node("b")
     async with open_network(pki.settings(fe)) as e, open_network(pki.settings(fb)) as b:
         await _expect_refused(e, b, caplog, dialer_says="not issued by a trusted CA",
-                              target_says="unable to get local issuer certificate")
+                              target_says="unable to get local issuer certificate",
+                              target_kind="tls-untrusted")
         # and the other way round: our node refuses to accept eve as a server
         await _expect_refused(b, e, caplog, dialer_says="unable to get local issuer certificate",
                               target_says="refused by the peer")
@@ -165,7 +175,7 @@ async def test_expired_certificate_is_refused(pki: PKI, monkeypatch: pytest.Monk
     _, fb = pki.node("b")
     async with open_network(pki.settings(fx)) as x, open_network(pki.settings(fb)) as b:
         await _expect_refused(x, b, caplog, dialer_says="certificate expired",
-                              target_says="certificate has expired")
+                              target_says="certificate has expired", target_kind="tls-expired")
 
 
 async def test_revoked_certificate_is_refused(pki: PKI,
@@ -175,7 +185,7 @@ async def test_revoked_certificate_is_refused(pki: PKI,
     _, fb = pki.node("b")
     async with open_network(pki.settings(fr)) as r, open_network(pki.settings(fb)) as b:
         await _expect_refused(r, b, caplog, dialer_says="certificate revoked",
-                              target_says="certificate revoked")
+                              target_says="certificate revoked", target_kind="tls-revoked")
 
 
 async def test_wrong_peer_id_is_refused(pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
@@ -187,7 +197,9 @@ async def test_wrong_peer_id_is_refused(pki: PKI, caplog: pytest.LogCaptureFixtu
     async with open_network(pki.settings(fa)) as a, open_network(pki.settings(fb)) as b:
         addr = str(b.addrs[0]).replace(str(b.peer_id), str(c_id))
         await _expect_refused(a, b, caplog, dialer_says="peer ID mismatch",
-                              target_says="peer ID mismatch", addr=addr)
+                              target_says="peer ID mismatch", addr=addr,
+                              dialer_kind="tls-peer-id-mismatch",
+                              target_kind="tls-refused-by-peer")
 
 
 async def test_crl_reload_closes_open_connections_and_refuses_new_ones(
