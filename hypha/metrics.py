@@ -43,8 +43,16 @@ def gauge(name: str, doc: str, value: float | None = None, *,
     return family
 
 
-def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
+def counter(name: str, doc: str, value: float | None = None, *,
+            labels: Mapping[tuple[str, ...], float] | None = None,
+            label_names: tuple[str, ...] = ()) -> CounterMetricFamily:
+    """A counter with one value, or one value per label tuple."""
+    if labels is None:
+        return CounterMetricFamily(name, doc, value=value or 0.0)
+    family = CounterMetricFamily(name, doc, labels=list(label_names))
+    for key, v in labels.items():
+        family.add_metric(list(key), v)
+    return family
 
 
 def network_metrics(net: Network) -> list[Metric]:

@@ -661,6 +661,9 @@ class JobBridge:
             log.info("job %s: client went away during %s %s", self.job_id, method, path)
         except Exception as error:
             status, message, details = _error_response(error)
+            counts = getattr(self.backend, "counts", None)  # the worker's (NetworkBackend)
+            if counts is not None:
+                counts[f"bridge {status}"] += 1
             if status >= 500:
                 log.warning("job %s: %s %s failed with %d: %s", self.job_id, method, path,
                             status, message, exc_info=status == 500)

@@ -118,6 +118,10 @@ class WorkerNode:
                   labels={("cpu",): free.cpu, ("memory",): free.memory,
                           ("storage",): free.storage, ("gpu",): free.gpu},
                   label_names=("resource",)),
+            counter("hypha_worker_job_events", "what the jobs' bridges and backends did, by "
+                    "kind (slices fetched, files sent, metrics reported, bridge 4xx/5xx ...)",
+                    labels={(k,): v for k, v in self.jobs.data_counts.items()},
+                    label_names=("kind",)),
             *network_metrics(self.net),
         ]
 

@@ -9,6 +9,7 @@ import random
 import shutil
 import stat
 import subprocess
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -142,11 +143,14 @@ async def test_fetch_refuses_paths_outside(work: Path, tmp_path: Path, body: dic
     (work / "leaf").symlink_to(outside / "planted")
     (work / "subdir").mkdir()
     request_body = {"source": "path", "path": "in.txt", **body}
+    backend = LocalBackend(work)
+    backend.counts = Counter()  # type: ignore[attr-defined]  # as the worker's backend has
     with trio.fail_after(10):
-        async with serving(work, LocalBackend(work)) as path:
+        async with serving(work, backend) as path:
             reply = await request(path, "POST", "/resources/fetch", request_body)
     assert reply.status == status, reply.body
     assert message in reply.json["error"]
+    assert backend.counts == {f"bridge {status}": 1}  # type: ignore[attr-defined]
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]
     assert not (tmp_path / "escape.txt").exists()
 
