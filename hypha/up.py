@@ -881,8 +881,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # SIGTERM (a supervisor, `timeout`) stops the network as Ctrl-C does
+    # SIGTERM (a supervisor, `timeout`) stops the network as Ctrl-C does; and Ctrl-C works
+    # even when this process inherited SIGINT ignored (a background job of a shell script)
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = run(options)
     except KeyboardInterrupt:

@@ -94,7 +94,9 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
          "--corpus", "python-stdlib-small",
          "--no-baseline", "--dir", str(directory)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # as a shell's background job starts it: SIGINT ignored, which hypha up must undo
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout is not None
     seen = []
     deadline = time.monotonic() + 300
