@@ -72,6 +72,7 @@ import tempfile
 import time
 import traceback
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,7 +285,7 @@ class Seed:
     ctx: Any = None
 
 
-class Target:
+class Target(ABC):
     """A decoder under test, with its seed corpus. ``run`` returns None when the input was
     accepted, the error when it was refused with one of ``allowed``, and raises anything else
     (a :class:`Violation` when an oracle or a bound fails)."""
@@ -298,8 +299,9 @@ class Target:
         #: observations that are not findings, counted per shard (reported as notes)
         self.stats: collections.Counter[str] = collections.Counter()
 
+    @abstractmethod
     def make_seeds(self) -> list[Seed]:
-        raise NotImplementedError
+        """Valid inputs to mutate, with what running them needs."""
 
     def structural(self, data: bytes, a: int, b: int, c: int) -> bytes | None:
         return None
@@ -308,18 +310,18 @@ class Target:
         seed = self.seeds[plan.seed % len(self.seeds)]
         return mutate(seed.data, plan.ops, self.corpus, self.structural), seed.ctx
 
+    @abstractmethod
     def run(self, data: bytes, ctx: Any, aux: int) -> BaseException | None:
         """None when accepted, the allowed error when refused; raises anything else."""
-        raise NotImplementedError
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 (optional hook: most targets keep no state)
         """Called after an input raised something unexpected (state may be half-updated)."""
 
     def refusal(self, exc: BaseException) -> str:
         """A refusal's kind, for counting how many different checks the inputs reached."""
         return re.sub(r"\d+", "N", f"{type(exc).__name__}: {exc}")[:60]
 
-    def end(self) -> None:
+    def end(self) -> None:  # noqa: B027 (optional hook)
         """Called when a shard ends: checks still pending (the server's last round)."""
 
 
