@@ -238,7 +238,10 @@ def kill_ps(root: Path, scale: int = 1) -> Row:
         }
         resent = sum(len(run.logged(w, r"sent the pseudo-gradient again")) for w in
                      run.net.trainers)
-        row.bytes_wasted = resent  # counted in pseudo-gradients below
+        # the new server sends every trainer the global model (which they drop: they have it)
+        # and the pseudo-gradients of the round in flight are sent twice
+        row.bytes_wasted = options.workers * _global_model_bytes(run) + resent * \
+            _global_model_bytes(run) // 16  # int2: 2 bits + a scale per block, ~1/16 of fp32
         row.observed = (f"killed {first} at PS round {at}; {spare} resumed from round {resume_round} "
                         f"after {row.recovery_s:.1f} s; {resent} pseudo-gradient(s) resent; run "
                         f"{'completed' if done else 'FAILED'}")
@@ -270,6 +273,8 @@ def kill_scheduler(root: Path, scale: int = 1) -> Row:
         row.recovery_s = time.monotonic() - killed_at
         done = run.finished(timeout=240)
         row.rounds_lost = max(0, at - resume_round)
+        # the trainers of the restarted run fetch the global model again
+        row.bytes_wasted = options.workers * _global_model_bytes(run)
         row.checks = {
             "leases expired": expired,
             "jobs stopped": bool(stopped),
@@ -305,7 +310,8 @@ def slow_worker(root: Path, scale: int = 1) -> Row:
                                        for e in run.ps_rounds()),
             "run completed": done,
         }
-        row.bytes_wasted = late
+        # each late contribution crossed the network for nothing (int2: ~1/16 of fp32)
+        row.bytes_wasted = late * _global_model_bytes(run) // 16
         row.observed = (f"{len(partial_rounds)} of {len(run.ps_rounds())} rounds closed without "
                         f"the straggler; {late} late contribution(s) dropped; {wall:.0f} s")
     row.ok = all(row.checks.values())
