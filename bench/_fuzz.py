@@ -857,12 +857,9 @@ class ServerTarget(Target):
                 raise Violation(f"after close(), global tensor {k} holds NaN/Inf")
         if not self.all_finite(server._momentum):
             raise Violation("after close(), the outer momentum holds NaN/Inf")
-        if stats.contributors + stats.failed > contributions or stats.abstained > contributions:
-            raise Violation(f"round stats count more than {contributions} contributions: {stats}")
         if stats.contributors + stats.failed + stats.abstained > contributions:
-            # NOTE: not a finding (only statistics): an abstention followed by bytes is refused,
-            # and counted as abstained and as failed
-            self.stats["rounds whose RoundStats count a refused abstention twice"] += 1
+            # (an abstention followed by bytes is refused: failed, not also abstained)
+            raise Violation(f"round stats count more than {contributions} contributions: {stats}")
 
     def reset(self) -> None:
         self._build()

@@ -455,7 +455,7 @@ class ServerRound:
             fragment=self.fragment,
             contributors=sum(c.complete and not c.abstained for c in cs),
             partial=sum(not c.complete and c.chunks > 0 for c in cs),
-            abstained=sum(c.abstained for c in cs),
+            abstained=sum(c.abstained and c.error is None for c in cs),  # a refused one failed
             failed=sum(c.error is not None for c in cs),
             bytes_received=sum(c.bytes_received for c in cs),
             chunks=len(self._plan),
