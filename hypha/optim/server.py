@@ -26,14 +26,12 @@ untouched and its update is 0).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import queue
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 
 from hypha import ops
+from hypha._files import replace_atomically
 from hypha.compress import (
     DEFAULT_CHUNK_ELEMS,
     Chunk,
@@ -299,28 +298,8 @@ class OuterServer:
         directory, flushed and fsynced, then renamed over ``path``, then the directory fsynced.
         If anything fails, ``path`` keeps its previous content and the temporary file is
         removed."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        # NOTE: the rename is durable only once the directory entry is; O_DIRECTORY is POSIX
-        if hasattr(os, "O_DIRECTORY"):
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        state = self.state_dict()
+        replace_atomically(path, lambda f: torch.save(state, f))
 
     @classmethod
     def load(

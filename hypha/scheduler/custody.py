@@ -35,6 +35,7 @@ from typing import Final
 import trio
 from libp2p.peer.id import ID
 
+from hypha._files import replace_atomically
 from hypha.executors.network import CHECKPOINT_PREFIX, checkpoint_stream, file_stream
 from hypha.net import IncomingTensorStream, Network, TensorStreamError
 
@@ -172,9 +173,8 @@ class CheckpointCustody:
                 raise ValueError(f"got {received} bytes with SHA-256 {hasher.hexdigest()[:16]}…, "
                                  f"announced {size} with {digest[:16]}…")
             os.replace(tmp, self.path)
-            _atomic_write(self.directory / "checkpoint.json", json.dumps(
-                {"round": round_, "size": size, "sha256": digest}).encode())
-            _fsync_dir(self.directory)
+            record = json.dumps({"round": round_, "size": size, "sha256": digest}).encode()
+            replace_atomically(self.directory / "checkpoint.json", lambda f: f.write(record))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -209,26 +209,3 @@ class CheckpointCustody:
         log.error("could not send the checkpoint of round %d to the parameter server %s",
                   stored.round, peer)
         return False
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
