@@ -236,6 +236,21 @@ class _Encoder:
     def set_sender(self, sender: bytes) -> None:
         self._sender = sender
 
+    def _initial_decoder(self, what: str, device: torch.device) -> _ShardDecoder:
+        """The decoder of an initial model: fp32, one flat tensor per parameter."""
+        return _ShardDecoder([(p.numel(),) for p in self.params], parse_codec("fp32"), what,
+                             device)
+
+    def _take_initial(self, chunks: Iterable[Chunk]) -> None:
+        """The initial model's chunks into the global copies."""
+        for chunk in chunks:
+            g = self.globals[chunk.tensor].view(-1)
+            g[chunk.start : chunk.start + chunk.numel].copy_(chunk.values())
+
+    def _start_from_globals(self) -> None:
+        for p, g in zip(self.params, self.globals, strict=True):
+            p.detach().copy_(g.view_as(p))
+
     def _local(self, i: int) -> torch.Tensor:
         p = self.params[i].detach()
         return p.view(-1) if p.is_contiguous() else p.reshape(-1)
@@ -519,11 +534,8 @@ class Exchange(_Encoder):
                         f"{k}: rank 0 has {a!r}, this rank {b!r}" for k, (a, b) in diff.items()
                     )
                 )
-            shapes = [(p.numel(),) for p in self.params]
-            decoder = _ShardDecoder(shapes, parse_codec("fp32"), "initial parameters", self.device)
-            for chunk in self._chunks(0, decoder):
-                g = self.globals[chunk.tensor].view(-1)
-                g[chunk.start : chunk.start + chunk.numel].copy_(chunk.values())
+            decoder = self._initial_decoder("initial parameters", self.device)
+            self._take_initial(self._chunks(0, decoder))
         except (
             CodecError,
             TimeoutError,
@@ -534,8 +546,7 @@ class Exchange(_Encoder):
             raise ExchangeError(
                 f"rank {self.rank}: receiving the initial parameters failed: {exc}"
             ) from exc
-        for p, g in zip(self.params, self.globals, strict=True):
-            p.detach().copy_(g.view_as(p))
+        self._start_from_globals()
 
 
 class ServerExchange(_Encoder):
@@ -659,14 +670,9 @@ class ServerExchange(_Encoder):
                         for k, (a, b) in diff.items()
                     )
                 )
-            shapes = [(p.numel(),) for p in self.params]
-            decoder = _ShardDecoder(
-                shapes, parse_codec("fp32"), "initial parameters from the server", self.device
-            )
+            decoder = self._initial_decoder("initial parameters from the server", self.device)
             for piece in stream.rest():
-                for chunk in decoder.feed(piece):
-                    g = self.globals[chunk.tensor].view(-1)
-                    g[chunk.start : chunk.start + chunk.numel].copy_(chunk.values())
+                self._take_initial(decoder.feed(piece))
             decoder.finish()
         except (
             CodecError,
@@ -678,6 +684,5 @@ class ServerExchange(_Encoder):
             raise ExchangeError(
                 f"receiving the global model from the parameter server failed: {exc}"
             ) from exc
-        for p, g in zip(self.params, self.globals, strict=True):
-            p.detach().copy_(g.view_as(p))
+        self._start_from_globals()
         return int(round_)
